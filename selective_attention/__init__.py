@@ -1,0 +1,26 @@
+"""selective-attention: head-level attention surgery for Hugging Face Transformers.
+
+Importing the package registers its attention functions (`sa_masked_sdpa`, `sa_masked_eager`, ...) with
+transformers' `AttentionInterface` and `AttentionMaskInterface`.
+"""
+
+from .registry import register_all as _register_all
+
+_register_all()
+
+from .attention.masked import MASK_MODES, HeadMask  # noqa: E402
+from .heads import head_key, parse_heads  # noqa: E402
+from .masking import apply_config_head_mask, mask_heads, masked_heads, unmask_heads  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MASK_MODES",
+    "HeadMask",
+    "apply_config_head_mask",
+    "head_key",
+    "mask_heads",
+    "masked_heads",
+    "parse_heads",
+    "unmask_heads",
+]

@@ -1,0 +1,1 @@
+"""Attention functions with the transformers 5 `AttentionInterface` signature."""

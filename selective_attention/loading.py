@@ -1,0 +1,61 @@
+"""Load any causal LM (hub id, local dir, .gguf file) or, by default, the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from . import assets
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
+
+
+def resolve_model(model: str | Path | None) -> str:
+    """`None` means the embedded default model."""
+    return str(assets.model_dir()) if model is None else str(model)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    model: str | Path | None = None,
+    *,
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str = "sdpa",
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    **kwargs,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model, tokenizer) in eval mode. A path ending in .gguf is dequantized on the fly."""
+    from transformers import GgufConfig
+
+    name = resolve_model(model)
+    load_kwargs = dict(dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
+                       trust_remote_code=trust_remote_code, **kwargs)
+    source: str = name
+    if name.endswith(".gguf"):
+        path = Path(name)
+        source = str(path.parent)
+        load_kwargs.update(gguf_file=path.name, quantization_config=GgufConfig(dequantize=True))
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=load_kwargs.get("gguf_file"),
+                                              trust_remote_code=trust_remote_code)
+    loaded = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+    if device:
+        loaded = loaded.to(device)
+    loaded.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    logger.info("loaded %s (%s, %s)", name, loaded.dtype, loaded.config._attn_implementation)
+    return loaded, tokenizer

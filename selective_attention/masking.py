@@ -1,0 +1,172 @@
+"""Public head-masking API: `mask_heads`, `unmask_heads`, `masked_heads`.
+
+transformers 5 removed `head_mask` and `prune_heads`; we restore head surgery for any model whose attention
+goes through `AttentionInterface` by attaching a `HeadMask` to each attention module and switching the model to
+the matching `sa_masked_*` implementation. The mask is also written to the config (`sa_masked_heads`,
+`sa_mask_mode`) so that `save_pretrained` records it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from .attention.masked import MASK_ATTRIBUTE, MASK_MODES, MASKED_NAMES, HeadMask
+from .heads import Head, HeadSpec, group_by_layer, head_key, parse_heads, validate_heads
+from .registry import REGISTERED
+
+logger = logging.getLogger(__name__)
+
+CONFIG_HEADS = "sa_masked_heads"
+CONFIG_MODE = "sa_mask_mode"
+
+
+def text_config(model: PreTrainedModel):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def attention_modules(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """Attention modules by layer index: modules named *Attention* that carry an integer `layer_idx`."""
+    layers: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        layer = getattr(module, "layer_idx", None)
+        if isinstance(layer, int) and "Attention" in type(module).__name__:
+            layers.setdefault(layer, []).append(module)
+    return layers
+
+
+def check_attention_interface(model: nn.Module) -> None:
+    """Raise ValueError unless the model dispatches attention through transformers' `AttentionInterface`."""
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(
+            f"{type(model).__name__} is not a transformers PreTrainedModel: head masking works on models whose "
+            "attention goes through AttentionInterface"
+        )
+    if not type(model)._can_set_attn_implementation() or not attention_modules(model):
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so its "
+            "heads cannot be masked by selective-attention"
+        )
+
+
+def masked_implementation(current: str | None) -> str:
+    """The sa_masked_* implementation to use for a model currently on `current`."""
+    current = current or "sdpa"
+    if current in REGISTERED:
+        return current  # one of ours: it already honours head masks
+    if current in MASKED_NAMES:
+        return MASKED_NAMES[current]
+    raise ValueError(
+        f"attention implementation {current!r} has no masked variant; load the model with attn_implementation="
+        f"one of {sorted(MASKED_NAMES)}"
+    )
+
+
+def base_implementation(current: str | None) -> str:
+    for base, name in MASKED_NAMES.items():
+        if current == name:
+            return base
+    return current or "sdpa"
+
+
+class HeadMaskHandle:
+    """Returned by `mask_heads`; `remove()` (or leaving the `with` block) restores the model's previous state."""
+
+    def __init__(self, model: PreTrainedModel, heads: list[Head], mode: str, previous: dict) -> None:
+        self.model = model
+        self.heads = heads
+        self.mode = mode
+        self._previous = previous
+        self._removed = False
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        for module, mask in self._previous["masks"]:
+            setattr(module, MASK_ATTRIBUTE, mask)
+        config = text_config(self.model)
+        setattr(config, CONFIG_HEADS, self._previous["heads"])
+        setattr(config, CONFIG_MODE, self._previous["mode"])
+        if self.model.config._attn_implementation != self._previous["implementation"]:
+            self.model.set_attn_implementation(self._previous["implementation"])
+        self._removed = True
+
+    def __enter__(self) -> HeadMaskHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"HeadMaskHandle({len(self.heads)} heads, mode={self.mode!r}, removed={self._removed})"
+
+
+def mask_heads(model: PreTrainedModel, heads: HeadSpec, mode: str = "zero") -> HeadMaskHandle:
+    """Ablate `heads` of `model` at prefill and decode until the returned handle is removed.
+
+    `heads`: "L-H" strings, (layer, head) pairs, or "L-H,L-H". `mode`: "zero", "uniform" or "mean".
+    Replaces any mask the model already has (the handle brings it back).
+    """
+    if mode not in MASK_MODES:
+        raise ValueError(f"unknown mask mode {mode!r}; expected one of {', '.join(MASK_MODES)}")
+    check_attention_interface(model)
+    parsed = parse_heads(heads)
+    config = text_config(model)
+    validate_heads(parsed, config.num_hidden_layers, config.num_attention_heads)
+    implementation = masked_implementation(model.config._attn_implementation)
+
+    modules = attention_modules(model)
+    missing = sorted({layer for layer, _ in parsed} - set(modules))
+    if missing:
+        raise ValueError(f"no attention module found for layer(s) {missing}")
+    previous = {
+        "masks": [(m, getattr(m, MASK_ATTRIBUTE, None)) for ms in modules.values() for m in ms],
+        "heads": getattr(config, CONFIG_HEADS, None),
+        "mode": getattr(config, CONFIG_MODE, None),
+        "implementation": model.config._attn_implementation,
+    }
+    grouped = group_by_layer(parsed)
+    for layer, layer_modules in modules.items():
+        for module in layer_modules:
+            setattr(module, MASK_ATTRIBUTE, HeadMask(grouped[layer], mode) if layer in grouped else None)
+    setattr(config, CONFIG_HEADS, [head_key(layer, head) for layer, head in parsed])
+    setattr(config, CONFIG_MODE, mode)
+    if model.config._attn_implementation != implementation:
+        model.set_attn_implementation(implementation)
+    logger.info("masked %d heads (%s) with %s", len(parsed), mode, implementation)
+    return HeadMaskHandle(model, parsed, mode, previous)
+
+
+def unmask_heads(model: PreTrainedModel) -> None:
+    """Remove every head mask and return to the unmasked base implementation."""
+    for layer_modules in attention_modules(model).values():
+        for module in layer_modules:
+            setattr(module, MASK_ATTRIBUTE, None)
+    config = text_config(model)
+    setattr(config, CONFIG_HEADS, None)
+    setattr(config, CONFIG_MODE, None)
+    base = base_implementation(model.config._attn_implementation)
+    if base != model.config._attn_implementation:
+        model.set_attn_implementation(base)
+
+
+def masked_heads(model: nn.Module) -> Iterator[tuple[int, int, str]]:
+    """(layer, head, mode) for every head currently masked."""
+    for layer, layer_modules in sorted(attention_modules(model).items()):
+        mask = getattr(layer_modules[0], MASK_ATTRIBUTE, None)
+        if mask is not None:
+            for head in mask.heads:
+                yield layer, head, mask.mode
+
+
+def apply_config_head_mask(model: PreTrainedModel) -> HeadMaskHandle | None:
+    """Re-apply the mask recorded in a saved config (`sa_masked_heads`), if any."""
+    config = text_config(model)
+    heads = getattr(config, CONFIG_HEADS, None)
+    if not heads:
+        return None
+    return mask_heads(model, heads, getattr(config, CONFIG_MODE, None) or "zero")
