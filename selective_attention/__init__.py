@@ -11,12 +11,15 @@ _register_all()
 from .attention.masked import MASK_MODES, HeadMask  # noqa: E402
 from .heads import head_key, parse_heads  # noqa: E402
 from .masking import apply_config_head_mask, mask_heads, masked_heads, unmask_heads  # noqa: E402
+from .models import SelectiveLlamaConfig, SelectiveLlamaForCausalLM  # noqa: E402  (registers selective_llama)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MASK_MODES",
     "HeadMask",
+    "SelectiveLlamaConfig",
+    "SelectiveLlamaForCausalLM",
     "apply_config_head_mask",
     "head_key",
     "mask_heads",

@@ -1,0 +1,282 @@
+"""`selective_llama`: Llama with a per-layer number of KV heads and an arbitrary query-head -> KV-head map.
+
+Self-contained on purpose: it imports only torch and transformers (plus its configuration file), so a saved
+checkpoint loads with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` in a process where
+selective-attention is not installed.
+
+- Each layer's `k_proj`/`v_proj` have that layer's own KV-head count, and so does its KV cache (DynamicCache
+  sizes layers independently).
+- A layer whose map is the contiguous, equal-group layout takes transformers' fast GQA path
+  (`num_key_value_groups`); any other map gathers the per-query-head K/V with `index_select` first.
+- Attention dispatches through `ALL_ATTENTION_FUNCTIONS.get_interface(...)`, so every registered attention
+  function (selective-attention's `sa_masked_*` included) works on it.
+- A head mask persisted in the config (`sa_masked_heads`, `sa_mask_mode`) is applied by this file itself when
+  the attention implementation is not one of selective-attention's own (`sa_*`, which apply it themselves).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    LlamaMLP,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+from .configuration_selective_llama import SelectiveLlamaConfig
+
+MASK_ATTRIBUTE = "sa_head_mask"  # the attribute selective_attention.mask_heads sets on attention modules
+PLUGIN_PREFIX = "sa_"  # selective-attention's registered attention functions apply head masks themselves
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_selective_llama.SelectiveLlamaConfig",
+    "AutoModel": "modeling_selective_llama.SelectiveLlamaModel",
+    "AutoModelForCausalLM": "modeling_selective_llama.SelectiveLlamaForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_selective_llama.SelectiveLlamaForSequenceClassification",
+}
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """softmax(QK^T * scaling + mask) V; `key`/`value` carry `query_heads / num_key_value_groups` heads."""
+    groups = module.num_key_value_groups
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask[..., : key.shape[-2]], torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask[..., : key.shape[-2]]
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class ConfigHeadMask:
+    """A head mask read from the config; same attributes as selective_attention's `HeadMask`."""
+
+    def __init__(self, heads, mode: str) -> None:
+        self.heads = tuple(sorted(set(int(h) for h in heads)))
+        self.mode = mode
+        self._index: dict = {}
+        self._mean_sum = None
+        self._mean_count = None
+
+    def index(self, device) -> torch.Tensor:
+        if device not in self._index:
+            self._index[device] = torch.tensor(self.heads, dtype=torch.long, device=device)
+        return self._index[device]
+
+    def __repr__(self) -> str:
+        return f"ConfigHeadMask(heads={self.heads}, mode={self.mode!r})"
+
+
+def config_head_masks(config) -> dict[int, ConfigHeadMask]:
+    """Layer -> mask from `sa_masked_heads` ("L-H" strings) and `sa_mask_mode`."""
+    heads = getattr(config, "sa_masked_heads", None) or []
+    mode = getattr(config, "sa_mask_mode", None) or "zero"
+    by_layer: dict[int, list[int]] = {}
+    for item in heads:
+        layer, head = (int(part) for part in str(item).split("-"))
+        by_layer.setdefault(layer, []).append(head)
+    return {layer: ConfigHeadMask(layer_heads, mode) for layer, layer_heads in by_layer.items()}
+
+
+def _ablate_before(mask, query: torch.Tensor) -> torch.Tensor:
+    if mask.mode == "uniform":  # a zero query attends uniformly to every visible key
+        return query.index_fill(1, mask.index(query.device), 0.0)
+    return query
+
+
+def _ablate_after(mask, output: torch.Tensor, attention_mask, kv_len: int) -> torch.Tensor:
+    """Zero or causal-running-mean ablation of the masked heads' outputs (B, q, H, D)."""
+    index = mask.index(output.device)
+    if mask.mode == "zero":
+        return output.index_fill(2, index, 0.0)
+    if mask.mode != "mean":
+        return output
+    batch, q_len = output.shape[:2]
+    selected = output.index_select(2, index).float()
+    weight = torch.ones(batch, q_len, device=output.device)
+    if attention_mask is not None and attention_mask.dim() == 4:
+        rows = torch.arange(q_len, device=attention_mask.device)
+        diagonal = attention_mask[:, 0, rows, rows + (kv_len - q_len)]
+        weight = (diagonal if diagonal.dtype == torch.bool else diagonal == 0).expand(batch, q_len).float()
+    running_sum = torch.cumsum(selected * weight[:, :, None, None], dim=1)
+    running_count = torch.cumsum(weight, dim=1)
+    if kv_len != q_len and mask._mean_sum is not None and mask._mean_sum.shape[0] == batch:
+        running_sum = running_sum + mask._mean_sum[:, None]
+        running_count = running_count + mask._mean_count[:, None]
+    mask._mean_sum, mask._mean_count = running_sum[:, -1], running_count[:, -1]
+    mean = running_sum / running_count.clamp(min=1)[:, :, None, None]
+    return output.index_copy(2, index, mean.to(output.dtype))
+
+
+class SelectiveLlamaAttention(nn.Module):
+    """Llama attention with this layer's own KV-head count and query-head -> KV-head map."""
+
+    def __init__(self, config: SelectiveLlamaConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads_per_layer[layer_idx]
+        kv_map = list(config.kv_head_map[layer_idx])
+        group = self.num_heads // self.num_kv_heads
+        self.contiguous = self.num_heads % self.num_kv_heads == 0 and kv_map == [h // group for h in range(self.num_heads)]
+        # Fast GQA path for the standard layout; otherwise K/V are gathered per query head (groups of 1).
+        self.num_key_value_groups = group if self.contiguous else 1
+        self.kv_map = kv_map  # a plain list, not a buffer: buffers are not restored by meta-device loading
+        self._kv_index: dict = {}
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        setattr(self, MASK_ATTRIBUTE, config_head_masks(config).get(layer_idx))
+
+    def kv_index(self, device) -> torch.Tensor:
+        if device not in self._kv_index:
+            self._kv_index[device] = torch.tensor(self.kv_map, dtype=torch.long, device=device)
+        return self._kv_index[device]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache=None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cache = cache if cache is not None else past_key_values
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if cache is not None:  # the cache stores this layer's own KV heads, before any gathering
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+        if not self.contiguous:
+            index = self.kv_index(key_states.device)
+            key_states = key_states.index_select(1, index)
+            value_states = value_states.index_select(1, index)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        implementation = self.config._attn_implementation or ""
+        mask = getattr(self, MASK_ATTRIBUTE, None)
+        own_mask = mask if mask is not None and mask.heads and not implementation.startswith(PLUGIN_PREFIX) else None
+        if own_mask is not None:
+            query_states = _ablate_before(own_mask, query_states)
+
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        if own_mask is not None:
+            attn_output = _ablate_after(own_mask, attn_output, attention_mask, key_states.shape[2])
+
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
+
+
+class SelectiveLlamaDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, config: SelectiveLlamaConfig, layer_idx: int):
+        nn.Module.__init__(self)
+        self.hidden_size = config.hidden_size
+        self.self_attn = SelectiveLlamaAttention(config=config, layer_idx=layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class SelectiveLlamaPreTrainedModel(LlamaPreTrainedModel):
+    config_class = SelectiveLlamaConfig
+    config: SelectiveLlamaConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["SelectiveLlamaDecoderLayer"]
+    _can_record_outputs = {"hidden_states": SelectiveLlamaDecoderLayer, "attentions": SelectiveLlamaAttention}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also writes `auto_map` for every auto class and copies this file and the configuration file."""
+        self.config.auto_map = dict(AUTO_MAP)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+class SelectiveLlamaModel(SelectiveLlamaPreTrainedModel, LlamaModel):
+    _auto_class = "AutoModel"
+
+    def __init__(self, config: SelectiveLlamaConfig):
+        PreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [SelectiveLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+
+class SelectiveLlamaForCausalLM(SelectiveLlamaPreTrainedModel, LlamaForCausalLM):
+    _auto_class = "AutoModelForCausalLM"
+
+    def __init__(self, config: SelectiveLlamaConfig):
+        PreTrainedModel.__init__(self, config)
+        self.model = SelectiveLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+
+class SelectiveLlamaForSequenceClassification(SelectiveLlamaPreTrainedModel, LlamaForSequenceClassification):
+    _auto_class = "AutoModelForSequenceClassification"
+
+    def __init__(self, config: SelectiveLlamaConfig):
+        PreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = SelectiveLlamaModel(config)
+        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
+        self.post_init()
+
+
+SelectiveLlamaConfig._auto_class = "AutoConfig"
+
+__all__ = [
+    "SelectiveLlamaForCausalLM",
+    "SelectiveLlamaForSequenceClassification",
+    "SelectiveLlamaModel",
+    "SelectiveLlamaPreTrainedModel",
+]
