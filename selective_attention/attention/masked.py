@@ -109,6 +109,7 @@ def register() -> None:
     if flash_attn_available():
         from transformers.integrations.flash_attention import flash_attention_forward
 
-        register_attention("sa_masked_flash", masked(flash_attention_forward), mask="flash")
-        for version in ("flash_attention_2", "flash_attention_3"):
-            MASKED_NAMES[version] = "sa_masked_flash"
+        # The name keeps "flash_attention_2": transformers picks flash code paths (2D masks, packed positions,
+        # kernel version) by matching the implementation name.
+        register_attention("sa_masked_flash_attention_2", masked(flash_attention_forward), mask="flash")
+        MASKED_NAMES["flash_attention_2"] = "sa_masked_flash_attention_2"
