@@ -1,0 +1,1 @@
+"""Key trees over the KV cache used by the tree-kernel attention."""
