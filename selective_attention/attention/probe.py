@@ -1,0 +1,115 @@
+"""Retrieval probe: SDPA attention that also records, per query head, the key each selected query row attends to most.
+
+Retrieval scoring needs, for every answer token, the argmax key of the query row that produced it. Asking the
+model for `output_attentions` materialises every (q x kv) weight matrix; the probe computes scores only for the
+last `rows` query rows of each call (one row per decode step; the prompt's last row at prefill), so the extra
+memory is O(rows x L) per layer, never L x L. The output itself comes from SDPA, unchanged.
+
+The argmax is taken over the masked, scaled (and soft-capped) scores: softmax is monotonic, so it is the argmax
+of the attention weights; ties go to the first key, as `torch.argmax` does.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from ..registry import register_attention
+from .masked import masked
+
+PROBE_NAME = "sa_probe"
+PROBE_ATTRIBUTE = "sa_probe_recorder"
+
+
+class ProbeRecorder:
+    """Collects the per-head argmax keys that `sa_probe` computes during one forward call."""
+
+    def __init__(self, rows: int = 1) -> None:
+        self.rows = rows
+        self.active = True
+        self._layers: dict[int, torch.Tensor] = {}
+
+    def record(self, layer: int, argmax: torch.Tensor) -> None:
+        self._layers[layer] = argmax
+
+    def collect(self) -> torch.Tensor:
+        """(num_layers, B, Hq, rows) argmax key indices of the last forward call; clears the buffer."""
+        if not self._layers:
+            raise RuntimeError("the probe recorded nothing: is the model running with attn_implementation='sa_probe'?")
+        stacked = torch.stack([self._layers[layer] for layer in sorted(self._layers)])
+        self._layers = {}
+        return stacked
+
+
+def _row_argmax(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float | None,
+                softcap: float | None, rows: int) -> torch.Tensor:
+    """(B, Hq, rows) argmax over keys of the last `rows` query rows, computed per KV group without repeat_kv."""
+    batch, q_heads, q_len, dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    rows = min(rows, q_len)
+    groups = q_heads // kv_heads
+    scaling = dim ** -0.5 if scaling is None else scaling
+    compute = torch.float32 if query.dtype in (torch.float16, torch.bfloat16) else query.dtype
+    selected = query[:, :, q_len - rows:].to(compute).reshape(batch, kv_heads, groups * rows, dim)
+    scores = torch.matmul(selected, key.to(compute).transpose(2, 3)) * scaling  # (B, Hkv, groups*rows, kv)
+    scores = scores.reshape(batch, q_heads, rows, kv_len)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None and attention_mask.dim() == 4:
+        mask = attention_mask[:, :, attention_mask.shape[2] - rows:, :kv_len]
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.to(compute)
+    else:  # pure causal: row r (absolute kv_len - rows + r) sees keys up to itself
+        positions = torch.arange(kv_len, device=key.device)
+        limit = torch.arange(kv_len - rows, kv_len, device=key.device)
+        scores = scores.masked_fill(positions[None, :] > limit[:, None], float("-inf"))
+    return scores.argmax(dim=-1)
+
+
+def probe_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """SDPA output; when a `ProbeRecorder` is attached to the module, also the argmax keys of the last rows."""
+    recorder: ProbeRecorder | None = getattr(module, PROBE_ATTRIBUTE, None)
+    if recorder is not None and recorder.active:
+        recorder.record(module.layer_idx, _row_argmax(module, query, key, attention_mask, scaling,
+                                                      kwargs.get("softcap"), recorder.rows))
+    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                       **kwargs)
+    return output, None
+
+
+#: The registered function: head masks (`mask_heads`) keep working while probing.
+probe_attention = masked(probe_attention_forward)
+
+
+@contextmanager
+def probing(model: nn.Module, rows: int = 1) -> Iterator[ProbeRecorder]:
+    """Run `model` on `sa_probe` with a recorder attached to every attention module; restores everything after."""
+    from ..masking import attention_modules
+
+    recorder = ProbeRecorder(rows)
+    modules = [m for ms in attention_modules(model).values() for m in ms]
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no attention modules with a layer_idx to probe")
+    previous = model.config._attn_implementation
+    for module in modules:
+        setattr(module, PROBE_ATTRIBUTE, recorder)
+    if previous != PROBE_NAME:
+        model.set_attn_implementation(PROBE_NAME)
+    try:
+        yield recorder
+    finally:
+        for module in modules:
+            setattr(module, PROBE_ATTRIBUTE, None)
+        if model.config._attn_implementation != previous:
+            model.set_attn_implementation(previous)
+
+
+def register() -> None:
+    register_attention(PROBE_NAME, probe_attention, mask="sdpa")
