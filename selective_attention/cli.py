@@ -7,8 +7,8 @@ import importlib
 import logging
 import sys
 
-#: Subcommand modules, in the order `--help` lists them. Each defines `add_parser(subparsers)`.
-COMMANDS = ["assets", "demo"]
+#: Subcommands in the order `--help` lists them; "a-b" lives in commands/a_b.py, which defines `add_parser`.
+COMMANDS = ["assets", "demo", "attention-map", "convert", "push"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"selective_attention.commands.{name}").add_parser(subparsers)
+        importlib.import_module(f"selective_attention.commands.{name.replace('-', '_')}").add_parser(subparsers)
     return parser
 
 

@@ -42,9 +42,10 @@ def flash_attn_available() -> bool:
 
 def register_all() -> None:
     """Register every attention function of the package (idempotent)."""
-    from .attention import masked
+    from .attention import masked, record
 
     masked.register()
+    record.register()
     # Optional modules register themselves when present (added by later features).
     for module_name in ("probe", "tree_kernel"):
         try:

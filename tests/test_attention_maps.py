@@ -1,0 +1,109 @@
+"""Attention maps recorded through `sa_record` equal softmax(QK^T) computed by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from selective_attention import mask_heads
+from selective_attention.attention_maps import (
+    attention_maps,
+    plot_average,
+    plot_comparison,
+    plot_head_across_layers,
+    plot_layer,
+    record_attention,
+)
+
+from .conftest import build_tiny, tiny_llama_config
+
+
+def _by_hand(model, ids: torch.Tensor, layer: int, zero_query_heads=()) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d) + causal) from the layer's own projections and RoPE."""
+    captured = {}
+    attention = model.model.layers[layer].self_attn
+    hook = attention.register_forward_pre_hook(lambda m, args, kwargs: captured.update(x=kwargs["hidden_states"]),
+                                               with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    hook.remove()
+    x = captured["x"]
+    batch, length, _ = x.shape
+    d = attention.head_dim
+    q = attention.q_proj(x).view(batch, length, -1, d).transpose(1, 2)
+    k = attention.k_proj(x).view(batch, length, -1, d).transpose(1, 2)
+    cos, sin = model.model.rotary_emb(x, torch.arange(length)[None])
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    for head in zero_query_heads:
+        q[:, head] = 0
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) / d**0.5
+    scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    return scores.softmax(-1)
+
+
+@pytest.mark.parametrize("base", ["sdpa", "eager"])
+def test_recorded_map_equals_hand_computation(base):
+    model = build_tiny(tiny_llama_config(), attn_implementation=base)
+    ids = torch.randint(3, 128, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    with record_attention(model) as record, torch.no_grad():
+        recorded_logits = model(input_ids=ids).logits
+    assert model.config._attn_implementation == base
+    assert torch.allclose(recorded_logits, plain, atol=1e-5)  # recording does not change the output
+    for layer in (0, 1):
+        assert torch.allclose(record[layer], _by_hand(model, ids, layer), atol=1e-5)
+
+
+def test_map_reflects_uniform_head_mask():
+    model = build_tiny(tiny_llama_config())
+    ids = torch.randint(3, 128, (1, 7), generator=torch.Generator().manual_seed(1))
+    with mask_heads(model, ["0-2"], mode="uniform"), record_attention(model, [0]) as record, torch.no_grad():
+        model(input_ids=ids)
+    assert torch.allclose(record[0], _by_hand(model, ids, 0, zero_query_heads=[2]), atol=1e-5)
+    uniform = torch.tril(torch.ones(7, 7)) / torch.arange(1, 8)[:, None]
+    assert torch.allclose(record[0][0, 2], uniform, atol=1e-6)
+
+
+def test_bad_layer_is_named():
+    model = build_tiny(tiny_llama_config())
+    with pytest.raises(ValueError, match=r"layer\(s\) \[5\] out of range"):
+        with record_attention(model, [5]):
+            pass
+    assert model.config._attn_implementation == "sdpa"
+
+
+class _CharTokenizer:
+    chat_template = None
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=True):
+        ids = torch.tensor([[3 + (ord(c) % 120) for c in text]])
+        return type("Batch", (dict,), {"input_ids": ids, "to": lambda self, device: self})({"input_ids": ids})
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+def test_plots_open_with_labelled_axes(tmp_path):
+    model = build_tiny(tiny_llama_config())
+    maps, tokens = attention_maps(model, _CharTokenizer(), "needle in hay")
+    assert set(maps) == {0, 1} and maps[0].shape == (4, len(tokens), len(tokens))
+    paths = [plot_layer(maps, tokens, 0, tmp_path / "layer0.png"),
+             plot_head_across_layers(maps, tokens, 1, tmp_path / "head1.png"),
+             plot_average(maps, tokens, tmp_path / "mean.png"),
+             plot_comparison(maps, {k: v.flip(-1) for k, v in maps.items()}, tokens, 1, 0, tmp_path / "cmp.png")]
+    for path in paths:
+        with Image.open(path) as image:
+            assert image.size[0] > 300 and image.size[1] > 200
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots()
+    from selective_attention.attention_maps import _draw
+
+    _draw(ax, maps[0][0], tokens, "t")
+    assert ax.get_xlabel() == "key" and ax.get_ylabel() == "query"
+    assert [t.get_text() for t in ax.get_xticklabels()] == tokens
+    plt.close(figure)
