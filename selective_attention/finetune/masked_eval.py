@@ -1,0 +1,122 @@
+"""MNLI accuracy vs number of masked heads (seed 000's `evaluate.py --maskbottom K`, as a sweep).
+
+Heads are ranked by a head-score file (Retrieval_Head format): `bottom` masks the lowest-scoring heads first,
+`top` the highest, `random` a seeded draw that excludes the top K. `global` ranks every head of the model;
+`per_layer` masks K heads in each chosen layer. The ablation mode (zero | uniform | mean) is recorded.
+Outputs: masked_eval.json, masked_eval.md (table) and masked_eval.png (accuracy curve).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from .. import nli
+from ..heads import (check_head_scores, head_key, load_head_scores, load_sidecar, parse_head, select_heads)
+from ..masking import mask_heads, text_config
+from .config import MaskedEvalConfig, to_dict
+from .io import RUN_MARKER, prepare_output_dir, write_json, write_text
+from .predict import load_nli_model, model_source, predict
+
+logger = logging.getLogger(__name__)
+
+
+def heads_for_count(scores: dict, count: int, *, order: str, scope: str, num_layers: int, num_heads: int,
+                    layers: list[int] | None = None, seed: int = 0) -> list[tuple[int, int]]:
+    """The heads masked at `count`: ranked globally, or `count` heads within each of `layers`."""
+    if count == 0:
+        return []
+    if scope == "global":
+        return select_heads(scores, f"{order}:{count}", seed=seed, num_layers=num_layers, num_heads=num_heads)
+    chosen: list[tuple[int, int]] = []
+    for layer in layers if layers is not None else range(num_layers):
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"layer {layer} out of range: the model has {num_layers} layers")
+        if count > num_heads:
+            raise ValueError(f"per_layer count {count} exceeds the {num_heads} heads of a layer")
+        within = {key: values for key, values in scores.items() if parse_head(key)[0] == layer}
+        for head in range(num_heads):  # heads the file never scored count as 0
+            within.setdefault(head_key(layer, head), [])
+        chosen += select_heads(within, f"{order}:{count}", seed=seed + layer)
+    return sorted(chosen)
+
+
+def plot_curve(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    counts = [row["masked"] for row in rows]
+    axis.plot(counts, [row["accuracy"] for row in rows], marker="o", label="accuracy")
+    axis.plot(counts, [row["macro_f1"] for row in rows], marker="s", linestyle="--", label="macro F1")
+    axis.axhline(1 / len(nli.LABELS), color="grey", linewidth=0.8, linestyle=":", label="chance")
+    axis.set_xlabel("masked heads")
+    axis.set_ylabel("MNLI score")
+    axis.set_ylim(0, 1)
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    partial = path.with_name(path.stem + ".partial.png")
+    figure.savefig(partial)
+    plt.close(figure)
+    partial.replace(path)
+
+
+def markdown_table(rows: list[dict], header: str) -> str:
+    lines = [header, "", "| masked heads | accuracy | macro F1 | invalid | heads |", "|---:|---:|---:|---:|---|"]
+    for row in rows:
+        shown = ", ".join(row["heads"][:12]) + (" ..." if len(row["heads"]) > 12 else "")
+        lines.append(f"| {row['masked']} | {row['accuracy']:.3f} | {row['macro_f1']:.3f} | {row['invalid']} | "
+                     f"{shown or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_masked_eval(config: MaskedEvalConfig, *, overwrite: bool = False) -> dict:
+    """Sweep `config.counts`; returns the result also written to masked_eval.json."""
+    output_dir = prepare_output_dir(config.output_dir, overwrite)
+    write_json(output_dir / RUN_MARKER, to_dict(config))
+    scores = load_head_scores(config.head_scores)
+    examples = nli.load_run_splits(config.data, config.seed)[config.split]
+    if not examples:
+        raise ValueError(f"data.{config.split}_size is 0: nothing to evaluate")
+    model, tokenizer = load_nli_model(config.model, config.head, dtype=config.dtype,
+                                      attn_implementation=config.attn_implementation,
+                                      trust_remote_code=config.trust_remote_code)
+    text = text_config(model)
+    num_layers, num_heads = text.num_hidden_layers, text.num_attention_heads
+    check_head_scores(scores, num_layers, num_heads, load_sidecar(config.head_scores), source=config.head_scores)
+
+    rows = []
+    for count in config.counts:
+        heads = heads_for_count(scores, count, order=config.order, scope=config.scope, num_layers=num_layers,
+                                num_heads=num_heads, layers=config.layers, seed=config.seed)
+        start = time.perf_counter()
+        handle = mask_heads(model, heads, config.mode) if heads else None
+        try:
+            predictions = predict(model, tokenizer, examples, config.head, batch_size=config.batch_size,
+                                  max_new_tokens=config.max_new_tokens, max_length=config.data.max_length)
+        finally:
+            if handle is not None:
+                handle.remove()
+        metrics = nli.classification_metrics([p.label for p in predictions], [p.prediction for p in predictions])
+        rows.append({"masked": len(heads), "requested": count, "accuracy": metrics["accuracy"],
+                     "macro_f1": metrics["macro_f1"], "invalid": metrics["invalid"],
+                     "heads": [head_key(*h) for h in heads], "metrics": metrics,
+                     "seconds": round(time.perf_counter() - start, 2)})
+        logger.info("%d heads masked (%s, %s %s): accuracy %.3f", len(heads), config.mode, config.order,
+                    config.scope, metrics["accuracy"])
+        result = {"model": model_source(config.model), "head": config.head, "head_scores": config.head_scores,
+                  "order": config.order, "scope": config.scope, "layers": config.layers, "mode": config.mode,
+                  "split": config.split, "examples": len(examples), "num_layers": num_layers,
+                  "num_heads": num_heads, "rows": rows}
+        write_json(output_dir / "masked_eval.json", result)  # after every count: an interrupted sweep keeps its rows
+
+    title = f"{Path(model_source(config.model)).name}: {config.order} heads ({config.scope}), mode={config.mode}"
+    write_text(output_dir / "masked_eval.md",
+               markdown_table(rows, f"# MNLI accuracy vs masked heads\n\n{title}; {len(examples)} {config.split} "
+                                    f"examples; head scores: `{config.head_scores}`"))
+    plot_curve(rows, output_dir / "masked_eval.png", title)
+    return result
