@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ..attention.probe import probing
 from ..heads import head_key, load_head_scores, load_sidecar, save_head_scores, sidecar_path
 from ..masking import text_config
-from .generate import cropped, greedy_decode, prefix_cache, reference_decode, stop_token_ids
+from .generate import SharedPrefix, greedy_decode, reference_decode, stop_token_ids
 from .haystack import Haystack, NeedlePrompt, build_prompt, check_length, load_haystack_text, prompt_template
 from .needles import Needle
 from .rouge import rouge1_recall
@@ -227,20 +227,10 @@ def _record(tokenizer, prompt: NeedlePrompt, decoded, seconds: float, config: De
 
 def _probe_trials(model, prompts: list[NeedlePrompt], stop_ids, config: DetectConfig, progress: bool):
     """Probe decoding; trials share the KV cache of their common prefix (same header, haystack before needle)."""
-    shared = None
-    if config.reuse_prefix:
-        headers = {tuple(p.input_ids[: p.extra["header_length"]]) for p in prompts}
-        if len(headers) == 1:
-            longest = max(prompts, key=lambda p: p.prefix_length)
-            shared = prefix_cache(model, longest.input_ids[: longest.prefix_length])
-            shared_ids = longest.input_ids[: longest.prefix_length]
+    shared = SharedPrefix(model, prompts) if config.reuse_prefix else None
     for prompt in tqdm(prompts, desc="detect (probe)", disable=not progress):
         start = time.perf_counter()
-        cache, cached = None, 0
-        if shared is not None and prompt.input_ids[: prompt.prefix_length] == shared_ids[: prompt.prefix_length]:
-            cached = min(prompt.prefix_length, len(prompt.input_ids) - 1)
-            cache = cropped(shared, cached, model.config) if cached > 0 else None
-            cached = cached if cache is not None else 0
+        cache, cached = shared.start(prompt) if shared is not None else (None, 0)
         with probing(model, rows=1) as recorder:
             decoded = greedy_decode(model, prompt.input_ids, stop_ids=stop_ids, max_new_tokens=config.max_new_tokens,
                                     cache=cache, cached_length=cached, recorder=recorder)

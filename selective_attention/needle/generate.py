@@ -122,3 +122,28 @@ def reference_decode(model, input_ids: list[int], *, stop_ids: set[int], max_new
         if model.config._attn_implementation != previous:
             model.set_attn_implementation(previous)
     return Decoded(tokens, torch.stack(steps))
+
+
+class SharedPrefix:
+    """Computes once the KV cache of the tokens a set of prompts share (template header + haystack before the
+    longest-reaching needle) and hands each prompt a cropped copy: the keys are exact, since shared tokens sit
+    at the same absolute positions in every prompt."""
+
+    def __init__(self, model, prompts) -> None:
+        self.model = model
+        self.cache = None
+        self.ids: list[int] = []
+        headers = {tuple(p.input_ids[: p.extra.get("header_length", 0)]) for p in prompts}
+        if prompts and len(headers) == 1:
+            longest = max(prompts, key=lambda p: p.prefix_length)
+            self.ids = longest.input_ids[: longest.prefix_length]
+            self.cache = prefix_cache(model, self.ids)
+
+    def start(self, prompt) -> tuple[DynamicCache | None, int]:
+        """(cache, number of prompt tokens it holds) for `prompt`; (None, 0) when nothing can be shared."""
+        if self.cache is None:
+            return None, 0
+        length = min(prompt.prefix_length, len(prompt.input_ids) - 1)
+        if length < 1 or prompt.input_ids[:length] != self.ids[:length]:
+            return None, 0
+        return cropped(self.cache, length, self.model.config), length

@@ -1,0 +1,77 @@
+"""`selective-attention detect`: retrieval-head scores over a needle grid (head_scores.json + sidecar)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from . import add_model_arguments
+
+logger = logging.getLogger(__name__)
+
+
+def parse_numbers(text: str, kind=float) -> list:
+    """"400,800" -> [400, 800]; "0:100:25" -> 0, 25, ..., 100 (inclusive)."""
+    try:
+        if ":" in text:
+            start, stop, step = (kind(part) for part in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            values, value = [], start
+            while value <= stop + 1e-9:
+                values.append(kind(value))
+                value += step
+            return values
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"malformed list {text!r}: expected '1,2,3' or 'start:stop:step'") from None
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser, lengths: str, depths: str) -> None:
+    """--lengths/--depths/--needles/--haystack/--max-new-tokens/--no-chat, shared by detect and needle."""
+    parser.add_argument("--lengths", type=lambda t: parse_numbers(t, int), default=parse_numbers(lengths, int),
+                        help=f"context lengths in tokens, '500,1000' or 'start:stop:step' (default {lengths})")
+    parser.add_argument("--depths", type=parse_numbers, default=parse_numbers(depths),
+                        help=f"needle depths in percent (default {depths})")
+    parser.add_argument("--needles", default="sf",
+                        help="built-in needle names ('sf,violin'), 'all', or a JSONL file of needle/question/answer")
+    parser.add_argument("--haystack", default=None,
+                        help="folder of .txt files, a text file or dataset:NAME[:SPLIT[:COLUMN]] (default: PG essays)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--no-chat", action="store_true", help="plain prompt even if the tokenizer has a chat template")
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("detect", help="score retrieval heads on a needle-in-a-haystack grid")
+    add_model_arguments(parser)
+    add_grid_arguments(parser, lengths="1000,2000", depths="0:100:25")
+    parser.add_argument("--output", type=Path, default=Path("head_scores.json"),
+                        help="head-score file; an existing one is resumed/merged (sidecar: *.meta.json)")
+    parser.add_argument("--method", default="probe", choices=["probe", "reference"],
+                        help="probe: SDPA + argmax probe (fast); reference: eager decode with output_attentions")
+    parser.add_argument("--no-prefix-reuse", action="store_true", help="prefill every trial from scratch")
+    parser.add_argument("--save-inputs", action="store_true", help="store each trial's prompt token ids in the sidecar")
+    parser.add_argument("--top", type=int, default=10, help="print this many top heads at the end")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..heads import rank_heads
+    from ..loading import load_model
+    from ..needle.detect import DetectConfig, detect
+    from ..needle.needles import resolve_needles
+    from .. import assets
+
+    config = DetectConfig(lengths=args.lengths, depths=args.depths, needles=resolve_needles(args.needles),
+                          method=args.method, max_new_tokens=args.max_new_tokens, save_inputs=args.save_inputs,
+                          haystack=args.haystack, chat=False if args.no_chat else None,
+                          reuse_prefix=not args.no_prefix_reuse)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
+    result = detect(model, tokenizer, config, args.output, model_name=args.model or assets.MODEL_NAME)
+    counted = result.meta["counted_trials"]
+    print(f"{result.new_trials} new trials ({len(result.meta['trials'])} in {args.output}, {counted} counted) "
+          f"in {result.seconds:.1f}s")
+    for (layer, head), score in rank_heads(result.scores)[: args.top]:
+        print(f"  {layer}-{head}: {score:.3f}")
+    return 0

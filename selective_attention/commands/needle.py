@@ -1,0 +1,46 @@
+"""`selective-attention needle`: needle-in-a-haystack grid, optionally with retrieval heads masked."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import add_model_arguments
+from .detect import add_grid_arguments
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("needle", help="needle-in-a-haystack grid with optional head masks")
+    add_model_arguments(parser)
+    add_grid_arguments(parser, lengths="1000,2000", depths="0:100:25")
+    parser.add_argument("--output-dir", type=Path, required=True,
+                        help="one JSON per test point (LLMTest_NeedleInAHaystack layout); existing points are kept")
+    parser.add_argument("--mask", default=None,
+                        help="heads to mask: top:K, bottom:K, random:K (seeded, never a top-K head) or 'L-H,L-H'")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random:K")
+    parser.add_argument("--mask-mode", default="zero", choices=["zero", "uniform", "mean"])
+    parser.add_argument("--head-scores", default=None, help="head_scores.json from `selective-attention detect`")
+    parser.add_argument("--score-against", default="needle", choices=["needle", "answer"],
+                        help="ROUGE-1 recall of the needle sentence (reference) or of the expected answer")
+    parser.add_argument("--label", default=None, help="name of this run in plots")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import assets
+    from ..loading import load_model
+    from ..needle.evaluate import NeedleConfig, run_needle_grid
+    from ..needle.needles import resolve_needles
+
+    config = NeedleConfig(lengths=args.lengths, depths=args.depths, needles=resolve_needles(args.needles),
+                          mask=args.mask, seed=args.seed, mask_mode=args.mask_mode, head_scores=args.head_scores,
+                          max_new_tokens=args.max_new_tokens, haystack=args.haystack,
+                          chat=False if args.no_chat else None, score_against=args.score_against)
+    if args.head_scores and not Path(args.head_scores).exists():
+        raise FileNotFoundError(f"head-score file {args.head_scores} does not exist")
+    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
+    results = run_needle_grid(model, tokenizer, config, args.output_dir, model_name=args.model or assets.MODEL_NAME,
+                              label=args.label)
+    mean = sum(r["score"] for r in results) / max(len(results), 1)
+    print(f"{len(results)} points in {args.output_dir}, mean score {mean:.1f}")
+    return 0

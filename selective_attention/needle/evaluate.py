@@ -1,0 +1,207 @@
+"""Needle-in-a-haystack grid with optional head masks (the masking experiments of the Retrieval_Head paper).
+
+One JSON file per test point, in the layout of gkamradt/LLMTest_NeedleInAHaystack (model, context_length,
+depth_percent, needle, model_response, score, ...) plus the masked heads and the ablation mode; a point whose
+file exists is not run again, so an interrupted grid resumes. Score: ROUGE-1 recall x 100 of the needle
+sentence in the answer (as the reference scores it), or of the expected answer with `score_against="answer"`.
+Masks hold at prefill and decode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..attention.masked import MASK_MODES
+from ..heads import Head, check_head_scores, head_key, load_head_scores, load_sidecar, select_heads, validate_heads
+from ..masking import mask_heads, text_config
+from .generate import SharedPrefix, greedy_decode, stop_token_ids
+from .haystack import Haystack, NeedlePrompt, build_prompt, check_length, load_haystack_text, prompt_template
+from .needles import Needle
+from .rouge import rouge1_recall
+
+logger = logging.getLogger(__name__)
+
+SCORE_TARGETS = ("needle", "answer")
+MANIFEST = "run.json"
+
+
+@dataclass
+class NeedleConfig:
+    lengths: list[int]
+    depths: list[float]
+    needles: list[Needle]
+    mask: str | None = None  # top:K | bottom:K | random:K | L-H,L-H
+    seed: int = 0
+    mask_mode: str = "zero"
+    head_scores: str | None = None
+    max_new_tokens: int = 48
+    haystack: str | None = None
+    chat: bool | None = None
+    score_against: str = "needle"
+    reuse_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"unknown mask mode {self.mask_mode!r}; expected one of {', '.join(MASK_MODES)}")
+        if self.score_against not in SCORE_TARGETS:
+            raise ValueError(f"score_against must be one of {SCORE_TARGETS}, got {self.score_against!r}")
+        if not self.lengths or any(int(n) < 1 for n in self.lengths):
+            raise ValueError(f"context lengths must be positive integers, got {self.lengths}")
+        if not self.depths or any(not 0 <= float(d) <= 100 for d in self.depths):
+            raise ValueError(f"depths must lie in [0, 100], got {self.depths}")
+        if not self.needles:
+            raise ValueError("at least one needle is needed")
+        self.lengths = sorted({int(n) for n in self.lengths})
+        self.depths = sorted({float(d) for d in self.depths})
+
+
+def resolve_mask(spec: str | None, num_layers: int, num_heads: int, head_scores: str | Path | None = None,
+                 seed: int = 0) -> list[Head]:
+    """Heads named by `spec`; top/bottom/random need a head-score file, checked against the model's shape."""
+    if not spec:
+        return []
+    kind = spec.partition(":")[0]
+    scores = None
+    if kind in ("top", "bottom", "random"):
+        if head_scores is None:
+            raise ValueError(f"mask {spec!r} needs --head-scores FILE (from `selective-attention detect`)")
+        scores = load_head_scores(head_scores)
+        check_head_scores(scores, num_layers, num_heads, load_sidecar(head_scores), source=str(head_scores))
+    elif ":" in spec:
+        raise ValueError(f"unknown mask spec {spec!r}: expected top:K, bottom:K, random:K or 'L-H,L-H'")
+    heads = select_heads(scores, spec, seed=seed, num_layers=num_layers, num_heads=num_heads)
+    validate_heads(heads, num_layers, num_heads)
+    return heads
+
+
+def point_path(output_dir: Path, length: int, depth: float, needle: Needle) -> Path:
+    return output_dir / f"len_{length}_depth_{int(round(depth * 100))}_{needle.name}_results.json"
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    partial.replace(path)
+
+
+def _check_manifest(output_dir: Path, manifest: dict) -> None:
+    """Refuse to mix two configurations (another model or mask) in one results folder."""
+    path = output_dir / MANIFEST
+    if not path.exists():
+        return
+    theirs = json.loads(path.read_text(encoding="utf-8"))
+    for field_name in ("model", "masked_heads", "mask_mode"):
+        if theirs.get(field_name) != manifest[field_name]:
+            raise ValueError(f"{output_dir} holds results with {field_name}={theirs.get(field_name)!r}, this run has "
+                             f"{manifest[field_name]!r}; use another --output-dir (nothing was overwritten)")
+
+
+def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Path, model_name: str | None = None,
+                    label: str | None = None, progress: bool = True) -> list[dict]:
+    """Run every missing point of the grid; returns all points' results (old and new)."""
+    text = text_config(model)
+    num_layers, num_heads = text.num_hidden_layers, text.num_attention_heads
+    heads = resolve_mask(config.mask, num_layers, num_heads, config.head_scores, config.seed)
+    model_name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
+    output_dir = Path(output_dir)
+    manifest = {"model": model_name, "masked_heads": [head_key(*h) for h in heads],
+                "mask_mode": config.mask_mode if heads else None, "mask": config.mask, "seed": config.seed,
+                "head_scores": str(config.head_scores) if config.head_scores else None,
+                "label": label or _default_label(config, heads), "settings": _settings(config)}
+    if output_dir.exists():
+        _check_manifest(output_dir, manifest)
+
+    haystack = Haystack(tokenizer, load_haystack_text(config.haystack), min_tokens=max(config.lengths))
+    prompts: list[NeedlePrompt] = []
+    for needle in config.needles:
+        template = prompt_template(tokenizer, needle.question, chat=config.chat)
+        for length in config.lengths:
+            for depth in config.depths:
+                prompt = build_prompt(haystack, template, needle, length, depth)
+                check_length(model, len(prompt.input_ids), config.max_new_tokens, length)
+                prompt.extra.update(header_length=len(template.header_ids), length=length)
+                prompts.append(prompt)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(output_dir / MANIFEST, manifest)
+    pending = [p for p in prompts
+               if not point_path(output_dir, p.extra["length"], p.depth_percent, p.needle).exists()]
+    logger.info("%d points, %d to run, %d heads masked (%s)", len(prompts), len(pending), len(heads),
+                manifest["mask_mode"])
+    stop_ids = stop_token_ids(tokenizer, model)
+    if pending:
+        handle = mask_heads(model, heads, mode=config.mask_mode) if heads else None
+        try:
+            # Mean ablation keeps running state along the sequence, so it cannot start from a shared cache.
+            reuse = config.reuse_prefix and not (heads and config.mask_mode == "mean")
+            shared = SharedPrefix(model, pending) if reuse else None
+            for prompt in tqdm(pending, desc="needle", disable=not progress):
+                started = time.perf_counter()
+                cache, cached = shared.start(prompt) if shared is not None else (None, 0)
+                decoded = greedy_decode(model, prompt.input_ids, stop_ids=stop_ids,
+                                        max_new_tokens=config.max_new_tokens, cache=cache, cached_length=cached)
+                response = tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip()
+                target = prompt.needle.needle if config.score_against == "needle" else prompt.needle.answer
+                score = round(100 * rouge1_recall(target, response), 2)
+                result = {
+                    "model": model_name,
+                    "context_length": prompt.extra["length"],
+                    "depth_percent": prompt.depth_percent,
+                    "version": 1,
+                    "needle": prompt.needle.needle,
+                    "model_response": response,
+                    "score": score,
+                    "test_duration_seconds": round(time.perf_counter() - started, 3),
+                    "test_timestamp_utc": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S%z"),
+                    "question": prompt.needle.question,
+                    "needle_name": prompt.needle.name,
+                    "actual_depth": prompt.actual_depth,
+                    "prompt_tokens": len(prompt.input_ids),
+                    "score_against": config.score_against,
+                    "masked_heads": manifest["masked_heads"],
+                    "mask_mode": manifest["mask_mode"],
+                }
+                _write_json(point_path(output_dir, prompt.extra["length"], prompt.depth_percent, prompt.needle),
+                            result)
+                logger.info("len %d depth %g: %.0f %r", result["context_length"], result["depth_percent"], score,
+                            response[:80])
+        finally:
+            if handle is not None:
+                handle.remove()
+    return load_results(output_dir)
+
+
+def _settings(config: NeedleConfig) -> dict:
+    data = asdict(config)
+    data["needles"] = [n.to_dict() for n in config.needles]
+    return data
+
+
+def _default_label(config: NeedleConfig, heads: list[Head]) -> str:
+    if not heads:
+        return "no mask"
+    spec = config.mask or ""
+    name = spec if spec.partition(":")[0] in ("top", "bottom", "random") else f"{len(heads)} heads"
+    if spec.startswith("random"):
+        name += f" (seed {config.seed})"
+    return f"{name} masked ({config.mask_mode})"
+
+
+def load_results(output_dir: str | Path) -> list[dict]:
+    """Every test-point JSON in a results folder."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        raise FileNotFoundError(f"results folder {output_dir} does not exist")
+    return [json.loads(path.read_text(encoding="utf-8")) for path in sorted(output_dir.glob("*_results.json"))]
+
+
+def load_manifest(output_dir: str | Path) -> dict:
+    path = Path(output_dir) / MANIFEST
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
