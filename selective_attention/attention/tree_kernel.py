@@ -106,6 +106,7 @@ class TreeKernelConfig:
     num_features: int | None = None  # R of the random feature maps (default 2d)
     decay: float = 0.99  # time-decay base b
     parallel: int | None = None  # buds expanded per step P (default 2^floor(log2(1024^(E/2))))
+    beam: float = 4.0  # internal levels keep beam * W nodes (bounds of big nodes are loose); leaves keep W
     row_chunk: int = 256  # query rows processed together (memory bound of prefill)
     stats: TreeStats = field(default_factory=TreeStats, compare=False, repr=False)
 
@@ -132,6 +133,8 @@ class TreeKernelConfig:
             raise ValueError(f"decay must be in (0, 1), got {self.decay}")
         if self.parallel is not None and self.parallel < 1:
             raise ValueError(f"parallel must be >= 1, got {self.parallel}")
+        if self.beam < 1:
+            raise ValueError(f"beam must be >= 1, got {self.beam}")
         if self.row_chunk < 1:
             raise ValueError(f"row_chunk must be >= 1, got {self.row_chunk}")
         if self.layers is not None:
@@ -350,8 +353,8 @@ def _topk_rows(config, key, value, query, positions, rows, budgets, visible, sca
     top = top.masked_fill(~keep, float("-inf"))
     weights = torch.softmax(top, dim=-1).nan_to_num(0.0)
     dense = torch.zeros_like(scores).scatter_(-1, order, weights)
-    config.stats.add(q_len * batch, float(visible.sum()), float(keep.sum() / (kv_heads * n_rep)),
-                     float(keep.sum() / (kv_heads * n_rep)))
+    kept = float(keep.expand(batch, 1, 1, q_len, keep.shape[-1]).sum())  # the same count for every head
+    config.stats.add(q_len * batch, float(visible.sum()), kept, kept)
     return torch.einsum("bhrqk,bhkv->bhrqv", dense, value)
 
 
@@ -388,8 +391,10 @@ def _bound_rows(config, tree: KeyTree, key, value, key_valid, query, positions, 
             ok = ok & (_gather_count(counts, ids.flatten(1)).view(ids.shape) > 0)
             bound = _dot(positive, _gather(kmax, ids)) + _dot(negative, _gather(kmin, ids))
             bound = _reduce_heads(bound, sharing, "max").masked_fill(~ok, float("-inf"))
-            values, order = bound.topk(min(width, bound.shape[-1]), dim=-1)
-            chosen = (torch.arange(values.shape[-1], device=device) < wanted[:, None, None, :, None]) & torch.isfinite(values)
+            keep = wanted if level == 0 else (wanted.double() * config.beam).ceil().long()
+            limit = width if level == 0 else int(math.ceil(width * config.beam))
+            values, order = bound.topk(min(limit, bound.shape[-1]), dim=-1)
+            chosen = (torch.arange(values.shape[-1], device=device) < keep[:, None, None, :, None]) & torch.isfinite(values)
             kept, kept_ok = candidates.gather(-1, order), chosen
             dropped = ok & ~torch.zeros_like(ok).scatter(-1, order, chosen)
             if config.estimate == "mean" and bool(dropped.any()):

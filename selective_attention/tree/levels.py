@@ -67,13 +67,17 @@ class KeyTree:
         return {name: (t[:, lo:hi] if name == "count" else t[:, :, lo:hi]) for name, t in self.buffers.items()}
 
     def matches(self, key: torch.Tensor, q_len: int) -> bool:
-        """True when `key` extends the keys this tree was built from (decode), so an append suffices."""
-        past = key.shape[2] - q_len
-        if self._first is None or past != self.length or past == 0:
+        """True when `key` extends (or repeats) the keys this tree was built from, so an append suffices.
+
+        A fresh prefill (no past keys) always rebuilds. Otherwise the cache must hold at least the covered keys
+        and agree with the tree's first and last covered key (cheap fingerprint of "same sequence").
+        """
+        length = key.shape[2]
+        if self._first is None or length == q_len or length < self.length or self.length == 0:
             return False
         if key.shape[:2] != self._first.shape[:2] or key.shape[-1] != self._first.shape[-1]:
             return False
-        return bool(torch.equal(key[:, :, 0], self._first) and torch.equal(key[:, :, past - 1], self._last))
+        return bool(torch.equal(key[:, :, 0], self._first) and torch.equal(key[:, :, self.length - 1], self._last))
 
     def update(self, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None, q_len: int) -> "KeyTree":
         """Bring the tree up to date with `key`/`value` (B, H, L, D): append when possible, else rebuild."""
