@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 #: End of a sentence: terminal punctuation, optional closing quotes/brackets, then whitespace or end of text.
 _SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*$")
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])(?=\s)|(?<=[.!?][\"'\u201d\u2019)\]])(?=\s)")
 CHARS_PER_TOKEN_GUESS = 6
 
 PLAIN_HEADER = "Read the document below and answer the question after it.\n\nDocument:\n"
@@ -72,29 +73,28 @@ class Haystack:
         self.tokenizer = tokenizer
         budget = max(min_tokens, 1) * CHARS_PER_TOKEN_GUESS
         piece = text[:budget] if len(text) > budget else text
-        ids, starts = self._tokenize(piece)
+        ids, boundaries = self._tokenize(piece)
         while len(ids) < min_tokens:  # short corpus (or a bad guess): use more text, repeating it if needed
             piece = piece + "\n\n" + text if len(piece) >= len(text) else text
-            ids, starts = self._tokenize(piece)
+            ids, boundaries = self._tokenize(piece)
         self.text = piece
         self.ids: list[int] = ids
-        self.boundaries: list[int] = [i for i, start in enumerate(starts) if i > 0 and _is_boundary(piece, start)]
+        self.boundaries: list[int] = boundaries
 
     def _tokenize(self, text: str) -> tuple[list[int], list[int]]:
-        """Ids and the character offset where each token starts."""
+        """Ids, and the indices of the tokens that start a sentence."""
         if getattr(self.tokenizer, "is_fast", False):
             encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            return list(encoded["input_ids"]), [start for start, _ in encoded["offset_mapping"]]
+            starts = [start for start, _ in encoded["offset_mapping"]]
+            return list(encoded["input_ids"]), [i for i, start in enumerate(starts) if i > 0 and _is_boundary(text, start)]
         # Slow tokenizers have no offsets: tokenize sentence by sentence, so boundaries are exact by construction.
         ids: list[int] = []
-        starts: list[int] = []
-        position = 0
-        for sentence in re.split(r"(?<=[.!?])(?=\s)", text):
-            piece_ids = self.tokenizer(sentence, add_special_tokens=False)["input_ids"]
-            ids += piece_ids
-            starts += [position] * len(piece_ids)
-            position += len(sentence)
-        return ids, starts
+        boundaries: list[int] = []
+        for sentence in _SENTENCE_SPLIT.split(text):
+            if ids:
+                boundaries.append(len(ids))
+            ids += self.tokenizer(sentence, add_special_tokens=False)["input_ids"]
+        return ids, boundaries
 
     def insertion_point(self, haystack_tokens: int, depth_percent: float) -> int:
         """Token index in the haystack where a needle at `depth_percent` goes: 0 and 100 exactly, otherwise the
