@@ -36,9 +36,14 @@ def load_model(
     attn_implementation: str = "sdpa",
     device: str | None = None,
     trust_remote_code: bool = False,
+    quantize: str | None = None,
     **kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model, tokenizer) in eval mode. A path ending in .gguf is dequantized on the fly."""
+    """(model, tokenizer) in eval mode. A path ending in .gguf is dequantized on the fly.
+
+    `quantize`: None, "4bit" / "8bit" (bitsandbytes, CUDA) or "int8" (torchao weight-only, CPU or CUDA); see
+    `selective_attention.quantization`. The choice is kept as `model.sa_quantization` for result sidecars.
+    """
     from transformers import GgufConfig
 
     name = resolve_model(model)
@@ -46,15 +51,31 @@ def load_model(
                        trust_remote_code=trust_remote_code, **kwargs)
     source: str = name
     if name.endswith(".gguf"):
+        if quantize:
+            raise ValueError(f"--quantize {quantize} cannot be combined with a .gguf file (it is dequantized on "
+                             "load); convert it to safetensors first or drop --quantize")
         path = Path(name)
         source = str(path.parent)
         load_kwargs.update(gguf_file=path.name, quantization_config=GgufConfig(dequantize=True))
+    method = None
+    if quantize:
+        from . import quantization
+
+        method = quantization.check_available(quantize, device)
+        load_kwargs["quantization_config"] = method.build(load_kwargs["dtype"])
+        if method.backend == "bitsandbytes":  # bitsandbytes places weights while loading; .to() is not allowed after
+            load_kwargs.setdefault("device_map", {"": device or "cuda"})
+            device = None
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=load_kwargs.get("gguf_file"),
                                               trust_remote_code=trust_remote_code)
     loaded = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
     if device:
         loaded = loaded.to(device)
     loaded.eval()
+    if method is not None:
+        from . import quantization
+
+        loaded.sa_quantization = quantization.describe(quantize)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     logger.info("loaded %s (%s, %s)", name, loaded.dtype, loaded.config._attn_implementation)
