@@ -67,10 +67,17 @@ def _is_boundary(text: str, start: int) -> bool:
 class Haystack:
     """Token ids of a haystack text plus the token indices that start a new sentence."""
 
-    def __init__(self, tokenizer, text: str, min_tokens: int = 0) -> None:
+    def __init__(self, tokenizer, text: str, min_tokens: int = 0, language=None) -> None:
+        """`language` (a code or `selective_attention.languages.Language`): its sentence ends (e.g. Chinese 。！？
+        with no space after) and needle separator; None keeps the English rules."""
         if not text.strip():
             raise ValueError("haystack text is empty")
         self.tokenizer = tokenizer
+        if language is not None:
+            from ..languages import get_language
+
+            language = get_language(language)
+        self.language = language
         budget = max(min_tokens, 1) * CHARS_PER_TOKEN_GUESS
         piece = text[:budget] if len(text) > budget else text
         ids, boundaries = self._tokenize(piece)
@@ -86,11 +93,15 @@ class Haystack:
         if getattr(self.tokenizer, "is_fast", False):
             encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             starts = [start for start, _ in encoded["offset_mapping"]]
+            if self.language is not None:  # byte pieces of one character share its offset: never split them
+                return list(encoded["input_ids"]), [i for i, start in enumerate(starts) if i > 0 and start > starts[i - 1]
+                                                    and self.language.is_sentence_start(text, start)]
             return list(encoded["input_ids"]), [i for i, start in enumerate(starts) if i > 0 and _is_boundary(text, start)]
         # Slow tokenizers have no offsets: tokenize sentence by sentence, so boundaries are exact by construction.
         ids: list[int] = []
         boundaries: list[int] = []
-        for sentence in _SENTENCE_SPLIT.split(text):
+        sentences = self.language.split_sentences(text) if self.language is not None else _SENTENCE_SPLIT.split(text)
+        for sentence in sentences:
             if ids:
                 boundaries.append(len(ids))
             ids += self.tokenizer(sentence, add_special_tokens=False)["input_ids"]
@@ -117,13 +128,21 @@ class PromptTemplate:
     chat: bool
 
 
-def prompt_template(tokenizer, question: str, chat: bool | None = None) -> PromptTemplate:
-    """Chat template when the tokenizer has one (or `chat=True`), a plain prompt otherwise."""
+def prompt_template(tokenizer, question: str, chat: bool | None = None, language=None) -> PromptTemplate:
+    """Chat template when the tokenizer has one (or `chat=True`), a plain prompt otherwise; `language` (code or
+    `Language`) words the instruction in the question's language."""
+    instruction, plain_header, plain_tail = INSTRUCTION, PLAIN_HEADER, PLAIN_TAIL
+    if language is not None:
+        from ..languages import get_language
+
+        language = get_language(language)
+        instruction, plain_header = language.instruction, language.header
+        plain_tail = language.instruction + language.answer_cue
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
     if use_chat:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("chat=True but the tokenizer has no chat template")
-        content = _SENTINEL + INSTRUCTION.format(question=question)
+        content = _SENTINEL + instruction.format(question=question)
         rendered = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                  add_generation_prompt=True)
         header, tail = rendered.split(_SENTINEL)
@@ -132,8 +151,8 @@ def prompt_template(tokenizer, question: str, chat: bool | None = None) -> Promp
     with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
     prefix = list(with_special[: len(with_special) - len(without)]) if with_special[-len(without):] == without else []
-    header = prefix + list(tokenizer(PLAIN_HEADER, add_special_tokens=False)["input_ids"])
-    tail = list(tokenizer(PLAIN_TAIL.format(question=question), add_special_tokens=False)["input_ids"])
+    header = prefix + list(tokenizer(plain_header, add_special_tokens=False)["input_ids"])
+    tail = list(tokenizer(plain_tail.format(question=question), add_special_tokens=False)["input_ids"])
     return PromptTemplate(header, tail, False)
 
 
@@ -151,8 +170,9 @@ class NeedlePrompt:
     extra: dict = field(default_factory=dict)
 
 
-def needle_ids(tokenizer, needle: Needle, at_start: bool) -> list[int]:
-    text = needle.needle + "\n\n" if at_start else " " + needle.needle  # at the start: separate it from the haystack
+def needle_ids(tokenizer, needle: Needle, at_start: bool, separator: str = " ") -> list[int]:
+    """`separator` goes between the haystack and the needle (none in Chinese text)."""
+    text = needle.needle + "\n\n" if at_start else separator + needle.needle  # at the start: separate it from the haystack
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -160,7 +180,8 @@ def build_prompt(haystack: Haystack, template: PromptTemplate, needle: Needle, c
                  depth_percent: float) -> NeedlePrompt:
     """Prompt with `needle` hidden at `depth_percent` of a context of `context_length` tokens."""
     tokenizer = haystack.tokenizer
-    probe = needle_ids(tokenizer, needle, at_start=False)
+    separator = haystack.language.separator if getattr(haystack, "language", None) is not None else " "
+    probe = needle_ids(tokenizer, needle, at_start=False, separator=separator)
     haystack_tokens = context_length - len(probe)
     if haystack_tokens < 1:
         raise ValueError(f"context length {context_length} leaves no room for the haystack (needle has {len(probe)} tokens)")
@@ -168,7 +189,7 @@ def build_prompt(haystack: Haystack, template: PromptTemplate, needle: Needle, c
         raise ValueError(f"context length {context_length} exceeds the haystack ({len(haystack.ids)} tokens); "
                          "build the Haystack with min_tokens >= the longest context")
     insert = haystack.insertion_point(haystack_tokens, depth_percent)
-    hidden = needle_ids(tokenizer, needle, at_start=insert == 0)
+    hidden = needle_ids(tokenizer, needle, at_start=insert == 0, separator=separator)
     haystack_tokens = context_length - len(hidden)  # one token more at the start with some tokenizers
     context = haystack.ids[:insert] + hidden + haystack.ids[insert:haystack_tokens]
     start = len(template.header_ids) + insert
