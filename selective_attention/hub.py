@@ -109,8 +109,9 @@ def _evaluation(metrics: dict | None, masked: dict | None) -> tuple[list[str], l
                 lines.append(f"| {stage} fine-tuning | {split} | {values.get('count', data.get(split, '?'))} | "
                              f"{values['accuracy']:.3f} | {values.get('macro_f1', float('nan')):.3f} |")
                 if stage == "after":
-                    results.append(EvalResult(task_type="text-classification", dataset_type="nyu-mll/multi_nli",
-                                              dataset_name=f"MNLI ({split} subset)", dataset_split=split,
+                    source = metrics.get("data_source") or "nyu-mll/multi_nli"
+                    results.append(EvalResult(task_type="text-classification", dataset_type=source,
+                                              dataset_name=f"{source} ({split} subset)", dataset_split=split,
                                               metric_type="accuracy", metric_value=round(values["accuracy"], 4)))
         train = metrics.get("train") or {}
         if train.get("loss_history"):
@@ -146,7 +147,7 @@ def build_model_card(directory: str | Path, repo_id: str | None = None, base_mod
     data = ModelCardData(
         base_model=base if base and not Path(str(base)).is_absolute() else None,
         library_name="peft" if adapter else "transformers", tags=tags,
-        datasets=["nyu-mll/multi_nli"] if metrics else None, pipeline_tag="text-generation",
+        datasets=[metrics["data_source"]] if metrics and "/" in str(metrics.get("data_source")) else None, pipeline_tag="text-generation",
         model_name=name if eval_results else None, eval_results=eval_results or None,
     )
     repo = repo_id or str(directory)

@@ -66,6 +66,15 @@ class TrainingConfig:
 
 
 @dataclass
+class ConvertSection:
+    """Convert the model to variable-group GQA (`selective_attention.models.convert`) before fine-tuning."""
+
+    kv_heads: str | int | list[int] | dict  #: e.g. "29:1" (last layer of SmolLM2 -> 1 KV head), "15:16", "9"
+    method: str = "mean"  #: duplicate | mean | similarity
+    calibration_tokens: int = 512
+
+
+@dataclass
 class FinetuneConfig:
     """One MNLI fine-tuning run."""
 
@@ -84,6 +93,7 @@ class FinetuneConfig:
     merge: bool = False  #: also save the LoRA-merged model (safetensors) under output_dir/merged
     masked_heads: list[str] | str | None = None  #: heads masked during training and evaluation ("L-H" strings)
     mask_mode: str = "zero"
+    convert: ConvertSection | None = None  #: convert first (saved under output_dir/converted), then fine-tune
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
@@ -138,6 +148,9 @@ def _build(cls: type[T], values: Any, path: str) -> T:
     kwargs = {}
     for name, value in values.items():
         hint = hints[name]
+        optional = [arg for arg in getattr(hint, "__args__", ()) if dataclasses.is_dataclass(arg)]
+        if optional and value is not None:  # `Section | None`
+            hint = optional[0]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _build(hint, value, f"{path}{name}.")
         else:

@@ -107,7 +107,7 @@ def _sharded(examples: list[NLIExample], predict_fn) -> list[Prediction]:
     return [by_index[i] for i in range(len(examples))]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: HeadMask caches index tensors that training reuses
 def _generate(model, tokenizer, examples: list[NLIExample], batch_size: int, max_new_tokens: int) -> list[Prediction]:
     out: list[Prediction] = []
     side = tokenizer.padding_side
@@ -128,7 +128,7 @@ def _generate(model, tokenizer, examples: list[NLIExample], batch_size: int, max
     return out
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: HeadMask caches index tensors that training reuses
 def _classify(model, tokenizer, examples: list[NLIExample], batch_size: int, max_length: int) -> list[Prediction]:
     out: list[Prediction] = []
     device = next(model.parameters()).device

@@ -62,6 +62,26 @@ def _score(model, tokenizer, splits: dict, config: FinetuneConfig, stage: str, o
     return results
 
 
+def _source(config: FinetuneConfig) -> str:
+    data = config.data
+    if data.train_file or data.eval_file or data.test_file:
+        return ", ".join(sorted({Path(f).name for f in (data.train_file, data.eval_file, data.test_file) if f}))
+    return nli.sample_file().name if data.dataset == nli.SAMPLE_NAME else str(data.dataset)
+
+
+def _convert(config: FinetuneConfig, output_dir: Path, state) -> Path:
+    """Variable-group GQA conversion by `selective_attention.models.convert` (main process writes, others wait)."""
+    from ..models.convert import convert_model
+
+    target = output_dir / "converted"
+    if state.is_main_process:
+        _, report = convert_model(model_source(config.model), config.convert.kv_heads, config.convert.method,
+                                  calibration_tokens=config.convert.calibration_tokens, out_dir=target)
+        logger.info("converted %s -> %s:\n%s", model_source(config.model), target, report.table())
+    state.wait_for_everyone()
+    return target
+
+
 def run_finetune(config: FinetuneConfig, *, overwrite: bool = False) -> dict:
     """Fine-tune as `config` says; returns the metrics also written to `output_dir/metrics.json`."""
     import torch
@@ -86,7 +106,10 @@ def run_finetune(config: FinetuneConfig, *, overwrite: bool = False) -> dict:
                    {name: [example.id for example in examples] for name, examples in splits.items()})
 
     started = time.perf_counter()
-    model, tokenizer = load_nli_model(config.model, config.head, dtype=config.dtype,
+    model_path = config.model
+    if config.convert is not None:
+        model_path = str(_convert(config, output_dir, state))
+    model, tokenizer = load_nli_model(model_path, config.head, dtype=config.dtype,
                                       attn_implementation=config.attn_implementation,
                                       trust_remote_code=config.trust_remote_code)
     if state.device.type != "cpu":
@@ -94,7 +117,8 @@ def run_finetune(config: FinetuneConfig, *, overwrite: bool = False) -> dict:
     if config.masked_heads:
         mask_heads(model, config.masked_heads, config.mask_mode)
 
-    metrics: dict = {"model": model_source(config.model), "head": config.head,
+    metrics: dict = {"model": model_source(config.model), "head": config.head, "data_source": _source(config),
+                     "converted": model_path if config.convert is not None else None,
                      "data": {name: len(examples) for name, examples in splits.items()},
                      "masked_heads": config.masked_heads, "mask_mode": config.mask_mode if config.masked_heads else None}
     if config.evaluate_before:

@@ -1,0 +1,249 @@
+"""Recipes: YAML configs, output-dir safety, Trainer+PEFT fine-tuning (both heads), masked-head evaluation and
+the CPU smoke run through `accelerate launch` (tiny random Llama with the embedded tokenizer; one slow test on
+the embedded SmolLM2 checks that the loss goes down)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from selective_attention import nli
+from selective_attention.finetune import FinetuneConfig, MaskedEvalConfig, load_config
+from selective_attention.finetune.io import prepare_output_dir
+from selective_attention.finetune.masked_eval import heads_for_count, run_masked_eval
+from selective_attention.finetune.train import run_finetune
+from selective_attention.heads import save_head_scores, select_heads
+
+from .conftest import build_tiny, tiny_llama_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "recipes" / "configs" / "smoke_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, embedded_model_dir):
+    """A tiny random Llama (2 layers x 4 heads) that uses the embedded model's tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    config = tiny_llama_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+                               max_position_embeddings=512)
+    model = build_tiny(config)
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_run(tmp_path, model_dir, **values) -> FinetuneConfig:
+    settings = {"data": {"dataset": "sample", "train_size": 8, "eval_size": 4, "test_size": 4, "max_length": 160},
+                "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                "training": {"epochs": 1, "batch_size": 4, "eval_batch_size": 4, "logging_steps": 1,
+                             "learning_rate": 1e-3},
+                "max_new_tokens": 3}
+    settings.update(values)
+    return load_config(FinetuneConfig, SMOKE, [f"model={model_dir}", f"output_dir={tmp_path / 'run'}"],
+                       values=settings)
+
+
+# --- configs ------------------------------------------------------------------------------------------------------
+
+
+def test_repo_configs_load():
+    for path in sorted((ROOT / "recipes" / "configs").glob("*.yaml")):
+        cls = MaskedEvalConfig if "masked" in path.name else FinetuneConfig
+        if "needle" in path.name:
+            continue
+        config = load_config(cls, path)
+        assert config.output_dir
+
+
+def test_unknown_config_keys_are_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: x\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown config key.*learning_rate.*known keys"):
+        load_config(FinetuneConfig, path)
+    path.write_text("output_dir: x\ntraining:\n  epoch: 3\n")
+    with pytest.raises(ValueError, match=r"training\.epoch\b.*known keys in training: .*epochs"):
+        load_config(FinetuneConfig, path)
+    path.write_text("model: x\n")
+    with pytest.raises(ValueError, match="lacks required key.*output_dir"):
+        load_config(FinetuneConfig, path)
+    path.write_text("output_dir: x\nhead: regression\n")
+    with pytest.raises(ValueError, match="unknown head 'regression'"):
+        load_config(FinetuneConfig, path)
+    with pytest.raises(FileNotFoundError):
+        load_config(FinetuneConfig, tmp_path / "none.yaml")
+    with pytest.raises(ValueError, match="malformed override"):
+        load_config(FinetuneConfig, SMOKE, ["training.epochs"])
+
+
+def test_overrides_relative_files_and_convert_section(tmp_path):
+    (tmp_path / "d.jsonl").write_text("")
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: out\ndata:\n  train_file: d.jsonl\nconvert:\n  kv_heads: '29:1'\n")
+    config = load_config(FinetuneConfig, path, ["training.epochs=2", "lora.target_modules=[q_proj]", "seed=7"])
+    assert config.training.epochs == 2 and config.lora.target_modules == ["q_proj"] and config.seed == 7
+    assert config.data.train_file == str(tmp_path / "d.jsonl")
+    assert config.convert.kv_heads == "29:1" and config.convert.method == "mean"
+    path.write_text("output_dir: out\nconvert:\n  kv_heads: 1\n  grouping: x\n")
+    with pytest.raises(ValueError, match="convert.grouping"):
+        load_config(FinetuneConfig, path)
+
+
+def test_output_dir_is_never_clobbered(tmp_path):
+    target = tmp_path / "out"
+    assert prepare_output_dir(target) == target and target.is_dir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists.*--overwrite"):
+        prepare_output_dir(target)
+    with pytest.raises(ValueError, match="not a recipe run"):
+        prepare_output_dir(target, overwrite=True)
+    assert (target / "notes.txt").exists()
+    (target / "run_config.json").write_text("{}")
+    prepare_output_dir(target, overwrite=True)
+    assert list(target.iterdir()) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match="no write access|not a directory"):
+        prepare_output_dir(blocker / "sub")
+
+
+# --- fine-tuning --------------------------------------------------------------------------------------------------
+
+
+def _predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_generative_run_writes_adapter_metrics_and_real_predictions(tmp_path, tiny_model_dir):
+    config = tiny_run(tmp_path, tiny_model_dir, masked_heads=["0-1", "1-3"], mask_mode="uniform")
+    metrics = run_finetune(config)
+    out = Path(config.output_dir)
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "adapter" / "adapter_config.json").exists()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["after"]["test"]["accuracy"] == metrics["after"]["test"]["accuracy"]
+    rows = _predictions(out / "predictions_after_test.jsonl")
+    assert len(rows) == 4
+    recomputed = sum(row["gold"] == row["predicted"] for row in rows) / len(rows)
+    assert saved["after"]["test"]["accuracy"] == pytest.approx(recomputed)
+    assert all(row["predicted"] == nli.LABELS[p] if (p := nli.parse_label(row["text"])) != nli.INVALID
+               else row["predicted"] == "invalid" for row in rows)
+    manifest = json.loads((out / "data_manifest.json").read_text())
+    assert not set(manifest["eval"]) & set(manifest["test"]) and not set(manifest["train"]) & set(manifest["test"])
+    assert saved["train"]["steps"] == 2 and len(saved["train"]["loss_history"]) >= 2
+    assert "before" in saved and saved["parameters"]["trainable"] < saved["parameters"]["total"]
+    assert saved["masked_heads"] == ["0-1", "1-3"] and saved["mask_mode"] == "uniform"
+    with pytest.raises(ValueError, match="already exists"):
+        run_finetune(config)
+
+
+def test_loss_goes_down_on_a_repeated_batch(tmp_path, tiny_model_dir):
+    config = tiny_run(tmp_path, tiny_model_dir, evaluate_before=False,
+                      data={"dataset": "sample", "train_size": 4, "eval_size": 0, "test_size": 2, "max_length": 160},
+                      training={"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1})
+    losses = [row["loss"] for row in run_finetune(config)["train"]["loss_history"]]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.2, losses
+
+
+def test_classification_head_trains_lora_and_score(tmp_path, tiny_model_dir):
+    config = tiny_run(tmp_path, tiny_model_dir, head="classification", merge=True, evaluate_before=False)
+    metrics = run_finetune(config)
+    out = Path(config.output_dir)
+    with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as handle:
+        keys = list(handle.keys())
+    assert any("score" in key for key in keys) and any("lora_A" in key for key in keys)
+    assert metrics["after"]["test"]["count"] == 4 and metrics["after"]["test"]["invalid"] == 0
+    rows = _predictions(out / "predictions_after_test.jsonl")
+    assert sum(r["gold"] == r["predicted"] for r in rows) / 4 == pytest.approx(metrics["after"]["test"]["accuracy"])
+    assert (out / "merged" / "config.json").exists() and list((out / "merged").glob("*.safetensors"))
+
+
+def test_bad_data_fails_before_loading_a_model(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"premise": "p", "hypothesis": "h", "label": "unsure"}) + "\n")
+    config = load_config(FinetuneConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", f"data.train_file={bad}",
+                                                 "model=/nonexistent/model"])
+    with pytest.raises(ValueError, match="unknown label 'unsure'"):
+        run_finetune(config)
+
+
+# --- masked-head evaluation ---------------------------------------------------------------------------------------
+
+
+def test_heads_for_count_global_and_per_layer():
+    scores = {"0-0": [0.9], "0-1": [0.1], "0-2": [0.5], "1-0": [0.2], "1-1": [0.8], "1-3": [0.3]}
+    assert heads_for_count(scores, 2, order="bottom", scope="global", num_layers=2, num_heads=4) == \
+        select_heads(scores, "bottom:2", num_layers=2, num_heads=4)
+    assert heads_for_count(scores, 2, order="top", scope="global", num_layers=2, num_heads=4) == [(0, 0), (1, 1)]
+    # per layer: unscored heads (0-3, 1-2) count as 0, so they are the bottom of their layer
+    assert heads_for_count(scores, 1, order="bottom", scope="per_layer", num_layers=2, num_heads=4) == [(0, 3), (1, 2)]
+    assert heads_for_count(scores, 2, order="top", scope="per_layer", num_layers=2, num_heads=4, layers=[1]) == \
+        [(1, 1), (1, 3)]
+    assert heads_for_count(scores, 0, order="bottom", scope="global", num_layers=2, num_heads=4) == []
+    with pytest.raises(ValueError, match="out of range"):
+        heads_for_count(scores, 1, order="bottom", scope="per_layer", num_layers=2, num_heads=4, layers=[5])
+
+
+def test_masked_eval_sweep_writes_table_and_curve(tmp_path, tiny_model_dir):
+    scores = {f"{layer}-{head}": [float((layer * 4 + head) % 5)] for layer in range(2) for head in range(4)}
+    scores_path = tmp_path / "head_scores.json"
+    save_head_scores(scores_path, scores, {"model": "tiny", "num_layers": 2, "num_heads": 4})
+    config = load_config(MaskedEvalConfig, values={
+        "output_dir": str(tmp_path / "masked"), "model": str(tiny_model_dir), "head_scores": str(scores_path),
+        "data": {"dataset": "sample", "train_size": 8, "eval_size": 4, "test_size": 4, "max_length": 160},
+        "counts": [0, 2, 8], "mode": "uniform", "max_new_tokens": 3})
+    result = run_masked_eval(config)
+    out = tmp_path / "masked"
+    assert [row["masked"] for row in result["rows"]] == [0, 2, 8]
+    assert result["rows"][1]["heads"] == ["{}-{}".format(*h) for h in select_heads(scores, "bottom:2")]
+    assert result["mode"] == "uniform" and result["examples"] == 4
+    assert (out / "masked_eval.png").stat().st_size > 1000
+    table = (out / "masked_eval.md").read_text()
+    assert "| 8 |" in table and "mode=uniform" in table
+    assert json.loads((out / "masked_eval.json").read_text())["rows"][2]["masked"] == 8
+    wrong = tmp_path / "other.json"
+    save_head_scores(wrong, {"0-0": [1.0]}, {"model": "big", "num_layers": 30, "num_heads": 9})
+    config.head_scores, config.output_dir = str(wrong), str(tmp_path / "masked2")
+    with pytest.raises(ValueError, match="30 layers"):
+        run_masked_eval(config)
+
+
+# --- the CI smoke run through accelerate launch -------------------------------------------------------------------
+
+
+def test_cpu_smoke_run_through_accelerate_launch(tmp_path, tiny_model_dir):
+    out = tmp_path / "smoke"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "recipes" / "accelerate" / "cpu.yaml"), "--num_cpu_threads_per_process", "2",
+               str(ROOT / "recipes" / "mnli_finetune.py"), "--config", str(SMOKE), "--output-dir", str(out),
+               "--set", f"model={tiny_model_dir}", "--set", "lora.r=4"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == {"train": 12, "eval": 6, "test": 6}
+    assert metrics["num_processes"] == 1 and metrics["device"] == "cpu"
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["accuracy"]["after"]["test"] == round(metrics["after"]["test"]["accuracy"], 4)
+
+
+@pytest.mark.slow
+def test_embedded_model_loss_goes_down(tmp_path):
+    """A few LoRA steps on one batch of the real SmolLM2: the answer-token loss must fall."""
+    config = load_config(FinetuneConfig, SMOKE, [f"output_dir={tmp_path / 'run'}"], values={
+        "evaluate_before": False, "max_new_tokens": 2,
+        "data": {"dataset": "sample", "train_size": 4, "eval_size": 0, "test_size": 2, "max_length": 128},
+        "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 2e-3, "logging_steps": 1}})
+    torch.set_num_threads(2)
+    losses = [row["loss"] for row in run_finetune(config)["train"]["loss_history"]]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
