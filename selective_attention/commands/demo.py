@@ -1,63 +1,99 @@
-"""`selective-attention demo`: a needle question on the embedded model, answered with and without masked heads."""
+"""`selective-attention demo`: a needle question on the embedded model, answered unmasked and with heads masked.
+
+The 30-second tour: a ~1K-token Paul Graham haystack with the San Francisco needle in the middle, answered once
+as is, then with the model's top retrieval heads masked (from `--head-scores`, or the scores shipped for the
+embedded model), then with as many seeded random heads masked.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import random
 import time
+from importlib import resources
 
-import torch
-
-from .. import assets
-from ..loading import load_model
-from ..masking import mask_heads, text_config
 from . import add_model_arguments
 
 logger = logging.getLogger(__name__)
 
-NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
-QUESTION = "What is the best thing to do in San Francisco?"
+#: Head scores of the embedded SmolLM2 measured by `selective-attention detect` (see docs/retrieval.md).
+BUILTIN_SCORES = "data/smollm2_head_scores.json"
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="answer a needle question with and without masked heads")
     add_model_arguments(parser)
     parser.add_argument("--context-tokens", type=int, default=1000)
-    parser.add_argument("--heads", type=int, default=20, help="number of seeded-random heads to mask")
-    parser.add_argument("--mode", default="uniform", choices=["zero", "uniform", "mean"])
+    parser.add_argument("--depth", type=float, default=50.0, help="needle depth in percent")
+    parser.add_argument("--needle", default="sf", help="built-in needle name or a JSONL file (first needle)")
+    parser.add_argument("--heads", type=int, default=20, help="how many heads to mask")
+    parser.add_argument("--head-scores", default=None,
+                        help="head_scores.json for this model (default: the shipped scores of the embedded model)")
+    parser.add_argument("--mode", default="zero", choices=["zero", "uniform", "mean"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.set_defaults(func=run)
 
 
-def build_prompt(tokenizer, context_tokens: int) -> str:
-    essays = sorted(assets.haystack_dir().glob("*.txt"))
-    text = "".join(path.read_text(encoding="utf-8") for path in essays[:6])
-    ids = tokenizer(text, add_special_tokens=False).input_ids[:context_tokens]
-    context = tokenizer.decode(ids)
-    cut = context.rfind(". ", 0, len(context) // 2) + 1
-    context = context[:cut] + NEEDLE + context[cut:]
-    messages = [{"role": "user", "content": f"{context}\n\nBased on the text above, {QUESTION} Answer briefly."}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _scores(args):
+    from ..heads import load_head_scores
 
-
-def answer(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip()
+    if args.head_scores:
+        return load_head_scores(args.head_scores), args.head_scores
+    if args.model is None:
+        path = resources.files("selective_attention").joinpath(BUILTIN_SCORES)
+        if path.is_file():
+            return load_head_scores(path), "shipped SmolLM2 scores"
+    return None, None
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..heads import check_head_scores, load_sidecar, select_heads
+    from ..loading import load_model
+    from ..masking import mask_heads, text_config
+    from ..needle.generate import greedy_decode, stop_token_ids
+    from ..needle.haystack import Haystack, build_prompt, check_length, load_haystack_text, prompt_template
+    from ..needle.needles import resolve_needles
+    from ..needle.rouge import rouge1_recall
+
+    started = time.perf_counter()
+    needle = resolve_needles(args.needle)[0]
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
-    prompt = build_prompt(tokenizer, args.context_tokens)
     config = text_config(model)
-    every_head = [(l, h) for l in range(config.num_hidden_layers) for h in range(config.num_attention_heads)]
-    heads = random.Random(args.seed).sample(every_head, args.heads)
-    start = time.perf_counter()
-    print(f"question: {QUESTION}")
-    print(f"unmasked answer: {answer(model, tokenizer, prompt)}")
-    with mask_heads(model, heads, mode=args.mode):
-        print(f"{len(heads)} random heads masked ({args.mode}): {answer(model, tokenizer, prompt)}")
-    logger.info("demo took %.1fs", time.perf_counter() - start)
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    scores, source = _scores(args)
+    if scores is not None and args.head_scores:
+        check_head_scores(scores, layers, heads, load_sidecar(args.head_scores), source=args.head_scores)
+    elif scores is not None:
+        check_head_scores(scores, layers, heads, source=source)
+
+    haystack = Haystack(tokenizer, load_haystack_text(), min_tokens=args.context_tokens)
+    prompt = build_prompt(haystack, prompt_template(tokenizer, needle.question), needle, args.context_tokens,
+                          args.depth)
+    check_length(model, len(prompt.input_ids), args.max_new_tokens, args.context_tokens)
+    stop_ids = stop_token_ids(tokenizer, model)
+
+    def answer() -> str:
+        decoded = greedy_decode(model, prompt.input_ids, stop_ids=stop_ids, max_new_tokens=args.max_new_tokens)
+        return tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip()
+
+    def show(label: str, text: str) -> None:
+        print(f"{label}\n    {text!r}  (ROUGE-1 recall of the needle: {100 * rouge1_recall(needle.needle, text):.0f})")
+
+    print(f"{len(prompt.input_ids)}-token prompt, needle at {prompt.actual_depth:.0f}% depth: {needle.needle!r}")
+    print(f"question: {needle.question}")
+    show("unmasked:", answer())
+    runs = []
+    if scores is not None:
+        runs.append((f"top {args.heads} retrieval heads masked ({args.mode}; {source})", "top"))
+    runs.append((f"{args.heads} random heads masked ({args.mode}, seed {args.seed}"
+                 + (", none of the top heads)" if scores is not None else ")"), "random"))
+    every = {f"{l}-{h}": [0.0] for l in range(layers) for h in range(heads)}
+    for label, kind in runs:
+        chosen = select_heads(scores if scores is not None else every, f"{kind}:{args.heads}", seed=args.seed,
+                              num_layers=layers, num_heads=heads)
+        with mask_heads(model, chosen, mode=args.mode):
+            show(label + ":", answer())
+        logger.info("masked %s", ",".join(f"{l}-{h}" for l, h in chosen))
+    logger.info("demo took %.1fs", time.perf_counter() - started)
     return 0

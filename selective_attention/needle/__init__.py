@@ -1,0 +1,12 @@
+"""Needle-in-a-haystack: haystacks and needles, retrieval-head detection, and the NIAH grid with head masks."""
+
+from .detect import DetectConfig, DetectResult, detect, retrieval_scores
+from .evaluate import NeedleConfig, load_results, resolve_mask, run_needle_grid
+from .haystack import Haystack, NeedlePrompt, build_prompt, load_haystack_text, prompt_template
+from .needles import Needle, builtin_needles, load_needles, resolve_needles
+
+__all__ = [
+    "DetectConfig", "DetectResult", "Haystack", "Needle", "NeedleConfig", "NeedlePrompt", "build_prompt",
+    "builtin_needles", "detect", "load_haystack_text", "load_needles", "load_results", "prompt_template",
+    "resolve_mask", "resolve_needles", "retrieval_scores", "run_needle_grid",
+]
