@@ -534,7 +534,7 @@ def _seed_rows(config, tree: KeyTree, key, value, key_valid, query, positions, r
             mass.scatter_(-1, slots, bud_mass)
             bud_ok.scatter_(-1, slots, nonempty)
         bud_ok[..., trash] = False
-        count = count + chosen.sum(-1)
+        count = bud_ok.sum(-1)  # an all-padding child is dropped and does not use the budget
         next_slot = next_slot + chosen.sum(-1)
     # output: exact weight on single-key buds, the method's estimate of exp(score) per leaf elsewhere
     stats = _bud_stats(tree, bud_level, bud_index, feat_names + ("vsum",), kv_heads)
