@@ -162,3 +162,17 @@ def test_smollm2_small_grid(tmp_path, embedded_model_dir):
     assert max(means.values()) > 0.2
     assert detect(model, tokenizer, DetectConfig(depths=[0, 50, 100], **grid), output, model_name="smol",
                   progress=False).new_trials == 0
+
+
+def test_duo_pattern(tmp_path):
+    from selective_attention.needle.duo import duo_pattern, write_duo_pattern
+
+    scores = {"0-0": [0.1], "0-3": [0.9], "1-1": [0.5], "1-2": [0.0]}
+    pattern = duo_pattern(scores, num_layers=2, num_heads=4, num_kv_heads=2, top=2)
+    assert pattern == [[0, 1], [1, 0]]  # 0-3 -> KV head 1, 1-1 -> KV head 0
+    path = write_duo_pattern(tmp_path / "pattern.tsv", pattern)
+    assert path.read_text() == "0\t1\n1\t0\n"
+    with pytest.raises(ValueError, match="grouped"):
+        duo_pattern(scores, 2, 4, 3, 1)
+    with pytest.raises(ValueError, match="top"):
+        duo_pattern(scores, 2, 4, 2, 9)

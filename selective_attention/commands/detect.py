@@ -53,6 +53,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--no-prefix-reuse", action="store_true", help="prefill every trial from scratch")
     parser.add_argument("--save-inputs", action="store_true", help="store each trial's prompt token ids in the sidecar")
     parser.add_argument("--top", type=int, default=10, help="print this many top heads at the end")
+    parser.add_argument("--export-duo", type=Path, default=None,
+                        help="also write a DuoAttention-style layer x KV-head TSV of the top heads (--duo-top)")
+    parser.add_argument("--duo-top", type=int, default=20, help="number of retrieval heads for --export-duo")
     parser.set_defaults(func=run)
 
 
@@ -74,4 +77,11 @@ def run(args: argparse.Namespace) -> int:
           f"in {result.seconds:.1f}s")
     for (layer, head), score in rank_heads(result.scores)[: args.top]:
         print(f"  {layer}-{head}: {score:.3f}")
+    if args.export_duo:
+        from ..needle.duo import duo_pattern, write_duo_pattern
+
+        meta = result.meta
+        pattern = duo_pattern(result.scores, meta["num_layers"], meta["num_heads"], meta["num_key_value_heads"],
+                              args.duo_top)
+        print(f"DuoAttention pattern of the top {args.duo_top} heads: {write_duo_pattern(args.export_duo, pattern)}")
     return 0
