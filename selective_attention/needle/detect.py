@@ -32,7 +32,8 @@ from ..masking import text_config
 from .generate import SharedPrefix, greedy_decode, reference_decode, stop_token_ids
 from .haystack import Haystack, NeedlePrompt, build_prompt, check_length, load_haystack_text, prompt_template
 from .needles import Needle
-from .rouge import rouge1_recall
+from ..languages import get_language
+from ..quantization import describe_model
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +56,12 @@ class DetectConfig:
     haystack: str | None = None
     chat: bool | None = None
     reuse_prefix: bool = True
+    language: str = "en"  # needle, question and ROUGE language
+    haystack_language: str | None = None  # None: same as `language`; another one: cross-lingual retrieval
 
     def __post_init__(self) -> None:
+        self.language = get_language(self.language).code
+        self.haystack_language = get_language(self.haystack_language or self.language).code
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if not self.lengths or any(int(n) < 1 for n in self.lengths):
@@ -151,10 +156,12 @@ def _write(output: Path | None, records: dict[str, dict], meta: dict, num_layers
 
 def plan(tokenizer, config: DetectConfig) -> tuple[Haystack, list[NeedlePrompt]]:
     """Every prompt of the grid (lengths x depths x needles)."""
-    haystack = Haystack(tokenizer, load_haystack_text(config.haystack), min_tokens=max(config.lengths))
+    hay_language = get_language(config.haystack_language)
+    haystack = Haystack(tokenizer, hay_language.haystack_text(config.haystack), min_tokens=max(config.lengths),
+                        language=hay_language)
     prompts = []
     for needle in config.needles:
-        template = prompt_template(tokenizer, needle.question, chat=config.chat)
+        template = prompt_template(tokenizer, needle.question, chat=config.chat, language=config.language)
         for length in config.lengths:
             for depth in config.depths:
                 prompt = build_prompt(haystack, template, needle, length, depth)
@@ -164,15 +171,31 @@ def plan(tokenizer, config: DetectConfig) -> tuple[Haystack, list[NeedlePrompt]]
     return haystack, prompts
 
 
+def _check_languages(output: Path | None, config: DetectConfig) -> None:
+    """Refuse to merge trials of another language pair into an existing file."""
+    meta = load_sidecar(output) if output is not None and output.exists() else None
+    if not meta:
+        return
+    settings = meta.get("settings", {})
+    theirs = (settings.get("language", "en"), settings.get("haystack_language") or settings.get("language", "en"))
+    if theirs != (config.language, config.haystack_language):
+        raise ValueError(f"{output} holds {theirs[0]} needles in a {theirs[1]} haystack; this run is "
+                         f"{config.language} in {config.haystack_language}: choose another output (nothing was "
+                         "overwritten)")
+
+
 def detect(model, tokenizer, config: DetectConfig, output: str | Path | None = None,
-           model_name: str | None = None, progress: bool = True) -> DetectResult:
-    """Run the grid's missing trials and (re)write `output` (head_scores.json + sidecar) after each one."""
+           model_name: str | None = None, progress: bool = True, tracker=None) -> DetectResult:
+    """Run the grid's missing trials and (re)write `output` (head_scores.json + sidecar) after each one.
+
+    `tracker` (a `selective_attention.tracking.Tracker`) receives the config and every new trial's scalars."""
     started = time.perf_counter()
     text = text_config(model)
     num_layers, num_heads = text.num_hidden_layers, text.num_attention_heads
     model_name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
     output = Path(output) if output is not None else None
     records = _existing(output, model_name, num_layers, num_heads)
+    _check_languages(output, config)
     _, prompts = plan(tokenizer, config)
     for prompt in prompts:
         check_length(model, len(prompt.input_ids), config.max_new_tokens, prompt.extra["length"])
@@ -181,7 +204,11 @@ def detect(model, tokenizer, config: DetectConfig, output: str | Path | None = N
                 len(pending), config.method)
     meta = {"format_version": FORMAT_VERSION, "model": model_name, "num_layers": num_layers, "num_heads": num_heads,
             "num_key_value_heads": getattr(text, "num_key_value_heads", num_heads), "settings": config.settings(),
-            "rouge": "rouge-score rouge1 recall of the needle, stemmed"}
+            "rouge": f"rouge-score rouge1 recall of the needle, {_rouge_note(config.language)}",
+            "language": config.language, "haystack_language": config.haystack_language,
+            "quantization": describe_model(model)}
+    if tracker is not None:
+        tracker.log_config({key: value for key, value in meta.items() if key != "trials"})
     stop_ids = stop_token_ids(tokenizer, model)
     new_records = []
     if pending:
@@ -191,13 +218,23 @@ def detect(model, tokenizer, config: DetectConfig, output: str | Path | None = N
             records[record["key"]] = record
             new_records.append(record)
             _write(output, records, meta, num_layers, num_heads)
+            if tracker is not None:
+                from ..tracking import log_trial
+
+                log_trial(tracker, record, step=len(records) - 1)
     scores = _write(output, records, meta, num_layers, num_heads)
     return DetectResult(scores, meta, len(new_records), time.perf_counter() - started, new_records)
 
 
+def _rouge_note(language: str) -> str:
+    segmenter = get_language(language).segmenter
+    return {"stem": "stemmed", "jieba": "jieba word segmentation", "words": "Unicode words, not stemmed",
+            "chars": "CJK characters"}.get(segmenter, segmenter)
+
+
 def _record(tokenizer, prompt: NeedlePrompt, decoded, seconds: float, config: DetectConfig) -> dict:
     response = tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip()
-    recall = rouge1_recall(prompt.needle.needle, response)
+    recall = get_language(config.language).rouge1_recall(prompt.needle.needle, response)
     counted = recall > config.rouge_threshold
     scores = retrieval_scores(decoded.argmax, decoded.tokens, prompt.input_ids, prompt.needle_span)
     record = {
