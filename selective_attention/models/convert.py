@@ -511,7 +511,10 @@ def convert_model(
     if getattr(source_model, "generation_config", None) is not None:
         model.generation_config = source_model.generation_config
     model.eval()
-    logger.info("converted %s (%s):\n%s", source_name, method, report.table())
+    changed = [row for row in reports if row.method != "keep"]
+    logger.info("converted %s (%s): %d layers changed, max error %.4f", source_name, method, len(changed),
+                max((row.error for row in changed), default=0.0))
+    logger.debug("%s", report.table())
     if out_path is not None:
         save_converted(model, tokenizer, report, out_path, overwrite=overwrite)
     return model, report
