@@ -22,9 +22,10 @@ from ..attention.masked import MASK_MODES
 from ..heads import Head, check_head_scores, head_key, load_head_scores, load_sidecar, select_heads, validate_heads
 from ..masking import mask_heads, text_config
 from .generate import SharedPrefix, greedy_decode, stop_token_ids
-from .haystack import Haystack, NeedlePrompt, build_prompt, check_length, load_haystack_text, prompt_template
+from .haystack import Haystack, NeedlePrompt, build_prompt, check_length, prompt_template
 from .needles import Needle
-from .rouge import rouge1_recall
+from ..languages import get_language
+from ..quantization import describe_model
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,12 @@ class NeedleConfig:
     chat: bool | None = None
     score_against: str = "needle"
     reuse_prefix: bool = True
+    language: str = "en"  # needle, question and ROUGE language
+    haystack_language: str | None = None  # None: same as `language`
 
     def __post_init__(self) -> None:
+        self.language = get_language(self.language).code
+        self.haystack_language = get_language(self.haystack_language or self.language).code
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"unknown mask mode {self.mask_mode!r}; expected one of {', '.join(MASK_MODES)}")
         if self.score_against not in SCORE_TARGETS:
@@ -97,15 +102,16 @@ def _check_manifest(output_dir: Path, manifest: dict) -> None:
     if not path.exists():
         return
     theirs = json.loads(path.read_text(encoding="utf-8"))
-    for field_name in ("model", "masked_heads", "mask_mode"):
-        if theirs.get(field_name) != manifest[field_name]:
+    for field_name in ("model", "masked_heads", "mask_mode", "language", "haystack_language"):
+        if theirs.get(field_name, "en" if "language" in field_name else None) != manifest[field_name]:
             raise ValueError(f"{output_dir} holds results with {field_name}={theirs.get(field_name)!r}, this run has "
                              f"{manifest[field_name]!r}; use another --output-dir (nothing was overwritten)")
 
 
 def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Path, model_name: str | None = None,
-                    label: str | None = None, progress: bool = True) -> list[dict]:
-    """Run every missing point of the grid; returns all points' results (old and new)."""
+                    label: str | None = None, progress: bool = True, tracker=None) -> list[dict]:
+    """Run every missing point of the grid; returns all points' results (old and new). `tracker` (see
+    `selective_attention.tracking`) receives the manifest and every new point's score."""
     text = text_config(model)
     num_layers, num_heads = text.num_hidden_layers, text.num_attention_heads
     heads = resolve_mask(config.mask, num_layers, num_heads, config.head_scores, config.seed)
@@ -114,14 +120,18 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
     manifest = {"model": model_name, "masked_heads": [head_key(*h) for h in heads],
                 "mask_mode": config.mask_mode if heads else None, "mask": config.mask, "seed": config.seed,
                 "head_scores": str(config.head_scores) if config.head_scores else None,
-                "label": label or _default_label(config, heads), "settings": _settings(config)}
+                "label": label or _default_label(config, heads), "settings": _settings(config),
+                "language": config.language, "haystack_language": config.haystack_language,
+                "quantization": describe_model(model)}
     if output_dir.exists():
         _check_manifest(output_dir, manifest)
 
-    haystack = Haystack(tokenizer, load_haystack_text(config.haystack), min_tokens=max(config.lengths))
+    hay_language = get_language(config.haystack_language)
+    haystack = Haystack(tokenizer, hay_language.haystack_text(config.haystack), min_tokens=max(config.lengths),
+                        language=hay_language)
     prompts: list[NeedlePrompt] = []
     for needle in config.needles:
-        template = prompt_template(tokenizer, needle.question, chat=config.chat)
+        template = prompt_template(tokenizer, needle.question, chat=config.chat, language=config.language)
         for length in config.lengths:
             for depth in config.depths:
                 prompt = build_prompt(haystack, template, needle, length, depth)
@@ -130,6 +140,9 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
                 prompts.append(prompt)
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_json(output_dir / MANIFEST, manifest)
+    if tracker is not None:
+        tracker.log_config(manifest)
+        done = len(prompts) - len(pending)
     pending = [p for p in prompts
                if not point_path(output_dir, p.extra["length"], p.depth_percent, p.needle).exists()]
     logger.info("%d points, %d to run, %d heads masked (%s)", len(prompts), len(pending), len(heads),
@@ -148,7 +161,7 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
                                         max_new_tokens=config.max_new_tokens, cache=cache, cached_length=cached)
                 response = tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip()
                 target = prompt.needle.needle if config.score_against == "needle" else prompt.needle.answer
-                score = round(100 * rouge1_recall(target, response), 2)
+                score = round(100 * get_language(config.language).rouge1_recall(target, response), 2)
                 result = {
                     "model": model_name,
                     "context_length": prompt.extra["length"],
@@ -171,6 +184,11 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
                             result)
                 logger.info("len %d depth %g: %.0f %r", result["context_length"], result["depth_percent"], score,
                             response[:80])
+                if tracker is not None:
+                    from ..tracking import log_trial
+
+                    log_trial(tracker, result, step=done, prefix="needle")
+                    done += 1
         finally:
             if handle is not None:
                 handle.remove()
