@@ -150,3 +150,10 @@ def quantize_model(model, name: str = "int8"):
     quantize_(model, method.build(model.dtype).quant_type)
     model.sa_quantization = describe(name)
     return model
+
+
+def add_quantize_argument(parser) -> None:
+    """`--quantize` for a CLI command."""
+    parser.add_argument("--quantize", default=None, choices=sorted(QUANTIZATIONS),
+                        help="load the model quantized: 4bit/8bit (bitsandbytes, CUDA) or int8 (torchao weight-only, "
+                             "CPU or CUDA)")

@@ -277,3 +277,9 @@ def settings_dict(obj: Any) -> dict:
     if hasattr(obj, "__dataclass_fields__"):
         return asdict(obj)
     return dict(obj)
+
+
+def check_backend(name: str) -> None:
+    """Fail fast (before a model loads) when `--report-to` names an unknown or uninstalled backend."""
+    TrackingConfig(backend=name or "none")
+    TRACKERS[name or "none"].check()

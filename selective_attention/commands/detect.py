@@ -34,12 +34,20 @@ def add_grid_arguments(parser: argparse.ArgumentParser, lengths: str, depths: st
                         help=f"context lengths in tokens, '500,1000' or 'start:stop:step' (default {lengths})")
     parser.add_argument("--depths", type=parse_numbers, default=parse_numbers(depths),
                         help=f"needle depths in percent (default {depths})")
-    parser.add_argument("--needles", default="sf",
-                        help="built-in needle names ('sf,violin'), 'all', or a JSONL file of needle/question/answer")
+    parser.add_argument("--needles", default=None,
+                        help="built-in needle names ('sf,violin'), 'all', or a JSONL file of needle/question/answer "
+                             "(default: the language's first needle, 'sf' in English)")
     parser.add_argument("--haystack", default=None,
                         help="folder of .txt files, a text file or dataset:NAME[:SPLIT[:COLUMN]] (default: PG essays)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--no-chat", action="store_true", help="plain prompt even if the tokenizer has a chat template")
+    from ..languages import add_language_arguments
+    from ..quantization import add_quantize_argument
+    from ..tracking import add_tracking_arguments
+
+    add_language_arguments(parser)
+    add_quantize_argument(parser)
+    add_tracking_arguments(parser)
 
 
 def add_parser(subparsers) -> None:
@@ -63,15 +71,33 @@ def run(args: argparse.Namespace) -> int:
     from ..heads import rank_heads
     from ..loading import load_model
     from ..needle.detect import DetectConfig, detect
-    from ..needle.needles import resolve_needles
+    from ..languages import get_language
+    from ..tracking import tracker_from_args
     from .. import assets
 
-    config = DetectConfig(lengths=args.lengths, depths=args.depths, needles=resolve_needles(args.needles),
+    config = DetectConfig(lengths=args.lengths, depths=args.depths,
+                          needles=get_language(args.language).resolve_needles(args.needles),
                           method=args.method, max_new_tokens=args.max_new_tokens, save_inputs=args.save_inputs,
                           haystack=args.haystack, chat=False if args.no_chat else None,
-                          reuse_prefix=not args.no_prefix_reuse)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
-    result = detect(model, tokenizer, config, args.output, model_name=args.model or assets.MODEL_NAME)
+                          reuse_prefix=not args.no_prefix_reuse, language=args.language,
+                          haystack_language=args.haystack_language)
+    from ..tracking import check_backend
+
+    check_backend(args.report_to)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device,
+                                  quantize=args.quantize)
+    with tracker_from_args(args) as tracker:
+        result = detect(model, tokenizer, config, args.output, model_name=args.model or assets.MODEL_NAME,
+                        tracker=tracker)
+        if args.report_to != "none":
+            from ..plots import plot_head_scores
+
+            meta = result.meta
+            image = plot_head_scores(result.scores, Path(args.output).with_suffix(".png"),
+                                     title=f"retrieval scores, {meta['model']} ({config.language} needle, "
+                                           f"{config.haystack_language} haystack)",
+                                     num_layers=meta["num_layers"], num_heads=meta["num_heads"])
+            tracker.log_image("head_scores", image)
     counted = result.meta["counted_trials"]
     print(f"{result.new_trials} new trials ({len(result.meta['trials'])} in {args.output}, {counted} counted) "
           f"in {result.seconds:.1f}s")

@@ -30,17 +30,31 @@ def run(args: argparse.Namespace) -> int:
     from .. import assets
     from ..loading import load_model
     from ..needle.evaluate import NeedleConfig, run_needle_grid
-    from ..needle.needles import resolve_needles
+    from ..languages import get_language
+    from ..tracking import tracker_from_args
 
-    config = NeedleConfig(lengths=args.lengths, depths=args.depths, needles=resolve_needles(args.needles),
+    config = NeedleConfig(lengths=args.lengths, depths=args.depths,
+                          needles=get_language(args.language).resolve_needles(args.needles),
                           mask=args.mask, seed=args.seed, mask_mode=args.mask_mode, head_scores=args.head_scores,
                           max_new_tokens=args.max_new_tokens, haystack=args.haystack,
-                          chat=False if args.no_chat else None, score_against=args.score_against)
+                          chat=False if args.no_chat else None, score_against=args.score_against,
+                          language=args.language, haystack_language=args.haystack_language)
     if args.head_scores and not Path(args.head_scores).exists():
         raise FileNotFoundError(f"head-score file {args.head_scores} does not exist")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
-    results = run_needle_grid(model, tokenizer, config, args.output_dir, model_name=args.model or assets.MODEL_NAME,
-                              label=args.label)
+    from ..tracking import check_backend
+
+    check_backend(args.report_to)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device,
+                                  quantize=args.quantize)
+    with tracker_from_args(args) as tracker:
+        results = run_needle_grid(model, tokenizer, config, args.output_dir,
+                                  model_name=args.model or assets.MODEL_NAME, label=args.label, tracker=tracker)
+        if args.report_to != "none" and results:
+            from ..needle.evaluate import load_manifest
+            from ..plots import plot_niah
+
+            label = load_manifest(args.output_dir).get("label") or args.label or "needle"
+            tracker.log_image("niah", plot_niah([(label, results)], Path(args.output_dir) / "niah.png"))
     mean = sum(r["score"] for r in results) / max(len(results), 1)
     print(f"{len(results)} points in {args.output_dir}, mean score {mean:.1f}")
     return 0
