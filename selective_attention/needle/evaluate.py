@@ -140,11 +140,11 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
                 prompts.append(prompt)
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_json(output_dir / MANIFEST, manifest)
-    if tracker is not None:
-        tracker.log_config(manifest)
-        done = len(prompts) - len(pending)
     pending = [p for p in prompts
                if not point_path(output_dir, p.extra["length"], p.depth_percent, p.needle).exists()]
+    done = len(prompts) - len(pending)
+    if tracker is not None:
+        tracker.log_config(manifest)
     logger.info("%d points, %d to run, %d heads masked (%s)", len(prompts), len(pending), len(heads),
                 manifest["mask_mode"])
     stop_ids = stop_token_ids(tokenizer, model)
