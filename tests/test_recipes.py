@@ -58,12 +58,27 @@ def tiny_run(tmp_path, model_dir, **values) -> FinetuneConfig:
 
 
 def test_repo_configs_load():
-    for path in sorted((ROOT / "recipes" / "configs").glob("*.yaml")):
-        cls = MaskedEvalConfig if "masked" in path.name else FinetuneConfig
-        if "needle" in path.name:
-            continue
-        config = load_config(cls, path)
-        assert config.output_dir
+    from selective_attention.finetune.needle_recipe import NeedleRecipeConfig
+
+    paths = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
+    assert len(paths) >= 8
+    for path in paths:
+        cls = (MaskedEvalConfig if "masked" in path.name else NeedleRecipeConfig if "needle" in path.name
+               else FinetuneConfig)
+        assert load_config(cls, path).output_dir
+    seed = load_config(FinetuneConfig, ROOT / "recipes" / "configs" / "llama32_1b_mnli.yaml")
+    assert (seed.lora.r, seed.lora.alpha, seed.data.train_size, seed.training.epochs, seed.data.eval_size) == \
+        (32, 16, 500, 3, 50)
+    assert len(seed.lora.target_modules) == 7
+
+
+def test_accelerate_configs_are_valid_for_accelerate():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    kinds = {path.stem: ClusterConfig.from_yaml_file(str(path)).distributed_type.value
+             for path in (ROOT / "recipes" / "accelerate").glob("*.yaml")}
+    assert kinds == {"cpu": "NO", "single_gpu_bf16": "NO", "multi_gpu_ddp": "MULTI_GPU", "fsdp": "FSDP",
+                     "deepspeed_zero2": "DEEPSPEED"}
 
 
 def test_unknown_config_keys_are_named(tmp_path):
