@@ -191,3 +191,47 @@ def test_bad_needle_config(bad, match):
 def test_needle_requires_fields():
     with pytest.raises(ValueError, match="question"):
         Needle("a needle", "", "an answer")
+
+
+@pytest.fixture
+def tiny_dir(tmp_path, tiny, tokenizer):
+    path = tmp_path / "tiny-model"
+    tiny.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_detect_needle_plot(tmp_path, tiny_dir, capsys):
+    from selective_attention.cli import main
+
+    scores = tmp_path / "head_scores.json"
+    grid = ["--lengths", "64", "--depths", "0,100", "--max-new-tokens", "3"]
+    assert main(["detect", "--model", str(tiny_dir), *grid, "--output", str(scores), "--export-duo",
+                 str(tmp_path / "duo.tsv"), "--duo-top", "2"]) == 0
+    assert "2 new trials" in capsys.readouterr().out
+    assert len((tmp_path / "duo.tsv").read_text().splitlines()) == 2
+    before = scores.read_text()
+    assert main(["detect", "--model", str(tiny_dir), *grid, "--output", str(scores)]) == 0
+    assert "0 new trials" in capsys.readouterr().out and scores.read_text() == before
+
+    run = tmp_path / "run"
+    assert main(["needle", "--model", str(tiny_dir), *grid, "--output-dir", str(run), "--mask", "random:2",
+                 "--seed", "3", "--head-scores", str(scores)]) == 0
+    assert len(load_results(run)) == 2
+    # bad input: clear error (exit code 2), nothing written
+    for bad in (["--mask", "top:99", "--head-scores", str(scores)], ["--mask", "best:2", "--head-scores", str(scores)],
+                ["--mask", "top:2", "--head-scores", str(tmp_path / "missing.json")], ["--lengths", "100000"],
+                ["--needles", str(tmp_path / "none.jsonl")]):
+        target = tmp_path / "bad"
+        assert main(["needle", "--model", str(tiny_dir), *grid, "--output-dir", str(target), *bad]) == 2
+        assert not target.exists()
+    assert main(["plot", "niah", str(run), "--output", str(tmp_path / "n.png")]) == 0
+
+
+@pytest.mark.slow
+def test_demo_runs(capsys):
+    from selective_attention.cli import main
+
+    assert main(["demo", "--context-tokens", "300", "--heads", "5", "--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "unmasked:" in out and "top 5 retrieval heads masked" in out and "5 random heads masked" in out
