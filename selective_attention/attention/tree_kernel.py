@@ -538,16 +538,19 @@ def _seed_rows(config, tree: KeyTree, key, value, key_valid, query, positions, r
         next_slot = next_slot + chosen.sum(-1)
     # output: exact weight on single-key buds, the method's estimate of exp(score) per leaf elsewhere
     stats = _bud_stats(tree, bud_level, bud_index, feat_names + ("vsum",), kv_heads)
-    exact = _dot(query * scaling, stats["ksum"])  # count is 1 at leaves
+    # a bud holding one valid key is exact: a leaf, or (left padding) a node whose other keys are all padding;
+    # ksum is then that key (padding is masked out of the sums), whatever the feature estimate would say
+    single = stats["count_raw"] == 1
+    exact = _dot(query * scaling, stats["ksum"])
     estimate_method = method if method in EXP_SCALE_METHODS else "alignment"
     estimate = _leaf_log_weight(config, tree, estimate_method, query, scaling, stats, bud_level, bud_index, visible)
     count = stats["count"]
-    logits = torch.where(bud_level == 0, exact, estimate) + torch.log(count)
+    logits = torch.where(single, exact, estimate) + torch.log(count)
     logits = logits.masked_fill(~bud_ok, float("-inf")).masked_fill(torch.isnan(logits), float("-inf"))
     vsum_count = stats["count"][..., None]
     softmax = _Softmax()
     softmax.add(logits, stats["vsum"] / vsum_count)
-    leaves_used = (bud_ok & (bud_level == 0)).sum(-1).float()
+    leaves_used = (bud_ok & single).sum(-1).float()
     heads = sel_heads * sel_rep
     config.stats.add(q_len * batch, float(visible.sum()), float(leaves_used.sum()) / heads,
                      float(bud_ok.sum()) / heads)
