@@ -182,6 +182,20 @@ def test_classification_head_trains_lora_and_score(tmp_path, tiny_model_dir):
     assert (out / "merged" / "config.json").exists() and list((out / "merged").glob("*.safetensors"))
 
 
+def test_convert_then_finetune(tmp_path, tiny_model_dir):
+    """The `convert` section runs selective_attention.models.convert first and fine-tunes the converted model."""
+    config = tiny_run(tmp_path, tiny_model_dir, evaluate_before=False, convert={"kv_heads": "1:1", "method": "mean",
+                                                                                 "calibration_tokens": 64},
+                      training={"max_steps": 1, "batch_size": 4})
+    metrics = run_finetune(config)
+    converted = json.loads((Path(config.output_dir) / "converted" / "config.json").read_text())
+    assert converted["model_type"] == "selective_llama" and converted["num_key_value_heads_per_layer"] == [2, 1]
+    assert converted["conversion"]["method"] == "mean"
+    adapter = json.loads((Path(config.output_dir) / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"].endswith("converted")
+    assert metrics["converted"].endswith("converted") and metrics["after"]["test"]["count"] == 4
+
+
 def test_bad_data_fails_before_loading_a_model(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"premise": "p", "hypothesis": "h", "label": "unsure"}) + "\n")

@@ -73,7 +73,7 @@ def _convert(config: FinetuneConfig, output_dir: Path, state) -> Path:
     """Variable-group GQA conversion by `selective_attention.models.convert` (main process writes, others wait)."""
     from ..models.convert import convert_model
 
-    target = output_dir / "converted"
+    target = (output_dir / "converted").resolve()  # absolute: the adapter records it as its base model
     if state.is_main_process:
         _, report = convert_model(model_source(config.model), config.convert.kv_heads, config.convert.method,
                                   calibration_tokens=config.convert.calibration_tokens, out_dir=target)
