@@ -54,7 +54,7 @@ def plot_niah(runs: list[tuple[str, list[dict]]], output: str | Path, title: str
     axes[0][0].set_ylabel("needle depth (%)")
     fig.colorbar(image, ax=axes[0].tolist(), label="score (ROUGE-1 recall x 100)", fraction=0.05, pad=0.02)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, y=1.06)
     return _save(fig, output)
 
 
