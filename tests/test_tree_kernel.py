@@ -67,6 +67,35 @@ def test_decode_step_attention_equals_dense_fp32():
         assert (out - _dense(q, k[:, :, :length], v[:, :, :length])).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("estimate", ["mean", "none"])
+def test_flat_bound_decode_equals_prefill_rows_at_partial_budget(estimate):
+    """Decode gathers the kept blocks; prefill masks one score matrix: the same selection and terms per row."""
+    torch.manual_seed(5)
+    q, k, v = torch.randn(1, 4, 90, 16), torch.randn(1, 2, 90, 16), torch.randn(1, 2, 90, 16)
+    config = TreeKernelConfig(method="bound", fraction=0.25, leaf_block=4, estimate=estimate, min_keys=4)
+    prefill, _ = tree_attention(q, k, v, None, config)
+    assert (prefill - _dense(q, k, v)).abs().max() > 1e-3  # really approximate
+    holder = torch.nn.Module()
+    for length in range(60, 91, 3):
+        step, _ = tree_attention(q[:, :, length - 1:length], k[:, :, :length], v[:, :, :length], None, config,
+                                 module=holder)
+        assert (step[:, 0] - prefill[:, length - 1]).abs().max() <= 1e-5, length
+
+
+def test_flat_bound_keeps_sink_and_local_blocks():
+    """With a budget of two blocks, the first and the latest complete block are the ones attended exactly."""
+    torch.manual_seed(6)
+    k, v = torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8)
+    k[:, :, 20:24] *= 10  # keys a bound would otherwise prefer
+    q = k[:, :, 21:22].clone()
+    config = TreeKernelConfig(method="bound", budget=8, min_keys=1, leaf_block=4, estimate="none")
+    out, _ = tree_attention(q, k, v, None, config)
+    keep = torch.zeros(64, dtype=torch.bool)
+    keep[:4] = keep[60:64] = True  # sink block and the latest complete block (holding the row itself)
+    expected = torch.softmax((q[0, 0] @ k[0, 0].T / 8 ** 0.5).masked_fill(~keep, float("-inf")), -1) @ v[0, 0]
+    torch.testing.assert_close(out[0, 0, 0], expected[0])
+
+
 def test_incremental_tree_matches_rebuild():
     torch.manual_seed(2)
     k, v = torch.randn(2, 3, 200, 8), torch.randn(2, 3, 200, 8)
@@ -133,7 +162,8 @@ def test_layers_not_selected_stay_exact():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(exponent=0.0), "exponent"), (dict(exponent=1.5), "exponent"), (dict(budget=0), "budget"),
     (dict(method="nope"), "unknown tree-kernel method"), (dict(fraction=2.0), "fraction"),
-    (dict(sharing="heads"), "sharing"), (dict(leaf_block=0), "leaf_block"),
+    (dict(sharing="heads"), "sharing"), (dict(leaf_block=0), "leaf_block"), (dict(descent="x"), "descent"),
+    (dict(sink_blocks=-1), "sink_blocks"),
 ])
 def test_bad_config(kwargs, message):
     with pytest.raises(ValueError, match=message):

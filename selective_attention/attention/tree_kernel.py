@@ -50,6 +50,9 @@ SEED_METHODS = ("alignment", "positive_alignment", "favor+", "favor+relu", "rff"
 METHODS = ("dense", "topk", "bound") + SEED_METHODS
 SHARING = ("per_head", "kv_group", "all")
 ESTIMATES = ("none", "mean")
+DESCENTS = ("flat", "tree")
+#: flat bound: up to this many query rows gather their blocks; more rows (prefill) mask one score matrix instead
+GATHER_ROWS = 8
 #: seed methods whose node estimate targets exp(q.k / sqrt d); the others only steer sampling, and their
 #: unexpanded buds are represented by the centroid score exp(q . k_mean) (documented in docs/tree_kernel.md).
 EXP_SCALE_METHODS = ("alignment", "positive_alignment", "favor+", "rff")
@@ -106,7 +109,10 @@ class TreeKernelConfig:
     num_features: int | None = None  # R of the random feature maps (default 2d)
     decay: float = 0.99  # time-decay base b
     parallel: int | None = None  # buds expanded per step P (default 2^floor(log2(1024^(E/2))))
-    beam: float = 4.0  # internal levels keep beam * W nodes (bounds of big nodes are loose); leaves keep W
+    beam: float = 4.0  # descent="tree": internal levels keep beam * W nodes (big nodes' bounds are loose)
+    descent: str = "flat"  # bound: "flat" scores every leaf block's bound at once; "tree" descends level by level
+    sink_blocks: int = 1  # bound: first leaf blocks always kept (attention sink), counted in the budget
+    local_blocks: int = 1  # bound: most recent complete leaf blocks always kept, counted in the budget
     row_chunk: int = 256  # query rows processed together (memory bound of prefill)
     stats: TreeStats = field(default_factory=TreeStats, compare=False, repr=False)
 
@@ -135,6 +141,10 @@ class TreeKernelConfig:
             raise ValueError(f"parallel must be >= 1, got {self.parallel}")
         if self.beam < 1:
             raise ValueError(f"beam must be >= 1, got {self.beam}")
+        if self.descent not in DESCENTS:
+            raise ValueError(f"unknown descent {self.descent!r}; expected one of {', '.join(DESCENTS)}")
+        if self.sink_blocks < 0 or self.local_blocks < 0:
+            raise ValueError("sink_blocks and local_blocks must be >= 0")
         if self.row_chunk < 1:
             raise ValueError(f"row_chunk must be >= 1, got {self.row_chunk}")
         if self.layers is not None:
@@ -205,6 +215,8 @@ def _dot(query: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def _weighted(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """weights (B, Hkv, R, Q, C) x values (B, Hkv, S, Q, C, Dv) -> (B, Hkv, R, Q, Dv)."""
+    if values.dim() == 4:  # (B, Hkv, C, Dv): the same terms for every row
+        return torch.matmul(weights.flatten(2, 3), values).view(*weights.shape[:4], values.shape[-1])
     if values.shape[2] == weights.shape[2] and weights.shape[2] != 1:
         return torch.einsum("bhsqc,bhsqcv->bhsqv", weights, values)
     return torch.einsum("bhrqc,bhqcv->bhrqv", weights, values[:, :, 0])
@@ -216,20 +228,22 @@ class _Softmax:
     def __init__(self) -> None:
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def add(self, logits: torch.Tensor, values: torch.Tensor) -> None:
-        self.parts.append((logits, values))
+    def add(self, logits: torch.Tensor, values: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        """Terms exp(logit) value; with `counts` (broadcast to logits) the terms are n exp(logit) (values / n)
+        and `values` are the n-key sums, which saves dividing every node's sums by its count."""
+        self.parts.append((logits, values, counts))
 
     def result(self) -> torch.Tensor:
         maximum = None
-        for logits, _ in self.parts:
-            part = logits.amax(-1)
+        for logits, _, counts in self.parts:
+            part = (logits if counts is None else logits + torch.log(counts)).amax(-1)
             maximum = part if maximum is None else torch.maximum(maximum, part)
         maximum = torch.where(torch.isfinite(maximum), maximum, torch.zeros_like(maximum))
         numerator, denominator = 0.0, 0.0
-        for logits, values in self.parts:
+        for logits, values, counts in self.parts:
             weights = torch.exp(logits - maximum[..., None])
             numerator = numerator + _weighted(weights, values)
-            denominator = denominator + weights.sum(-1)
+            denominator = denominator + (weights.sum(-1) if counts is None else (weights * counts).sum(-1))
         return numerator / denominator.clamp(min=1e-30)[..., None]
 
 
@@ -256,7 +270,9 @@ def _trees(module: nn.Module) -> dict:
 
 def _tree(module, config: TreeKernelConfig, key, value, key_valid, q_len: int, scaling: float) -> KeyTree:
     """The module's incrementally maintained tree for this method (rebuilt when the cache does not extend it)."""
-    if config.method == "bound":
+    if config.method == "bound" and config.descent == "flat":
+        spec = ("bound", config.leaf_block, ("ksum", "vsum", "kbox"), None)
+    elif config.method == "bound":
         spec = ("bound", config.leaf_block, ("ksum", "vsum", "kmin", "kmax"), None)
     else:
         kind = FEATURE_METHODS.get(config.method)
@@ -333,6 +349,8 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                 visible[:, start:stop])
         if config.method == "topk":
             out = _topk_rows(config, key, value, *part, scaling)
+        elif config.method == "bound" and config.descent == "flat":
+            out = _flat_bound_rows(config, tree, key, value, key_valid, *part, scaling)
         elif config.method == "bound":
             out = _bound_rows(config, tree, key, value, key_valid, *part, scaling)
         else:
@@ -359,6 +377,95 @@ def _topk_rows(config, key, value, query, positions, rows, budgets, visible, sca
 
 
 # ------------------------------------------------------------------------------------------------------- bound
+def _scores(query: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """query (B, Hkv, R, Q, D) . nodes (B, Hkv, N, D) -> (B, Hkv, R, Q, N), one matmul per KV head."""
+    batch, kv_heads, n_rep, q_len, dim = query.shape
+    return torch.matmul(query.reshape(batch, kv_heads, n_rep * q_len, dim), nodes.transpose(-1, -2)).view(
+        batch, kv_heads, n_rep, q_len, nodes.shape[2])
+
+
+def _local_block(key, value, rows, positions, blocks, block, scaled, softmax) -> float:
+    """Adds the row's own partial (incomplete) block, exactly; returns the number of keys it scored."""
+    batch, kv_heads, dim = key.shape[0], key.shape[1], key.shape[-1]
+    q_len = positions.shape[0]
+    local = (blocks * block)[:, None] + torch.arange(block, device=key.device)  # (Q, block)
+    local_ok = (local <= positions[:, None]) & (local < key.shape[2])
+    local = local.clamp(max=key.shape[2] - 1)
+    local_ok = local_ok[None].expand(batch, q_len, block) & rows.gather(2, local[None].expand(batch, -1, -1))
+    local_keys = key[:, :, local.reshape(-1)].view(batch, kv_heads, 1, q_len, block, dim)
+    local_values = value[:, :, local.reshape(-1)].view(batch, kv_heads, 1, q_len, block, value.shape[-1])
+    softmax.add(_dot(scaled, local_keys).masked_fill(~local_ok[:, None, None], float("-inf")), local_values)
+    return float(local_ok.sum())
+
+
+def _flat_bound_rows(config, tree: KeyTree, key, value, key_valid, query, positions, rows, budgets, visible,
+                     scaling):
+    """Every complete leaf block's min/max bound in one matmul per KV head -> top-W blocks (sink and local
+    blocks forced) -> exact softmax over their keys + the row's partial block (+ each other block's mean term)."""
+    batch, kv_heads, n_rep, q_len, dim = query.shape
+    block, device, sharing = tree.block, query.device, config.sharing
+    blocks = ((positions + 1) // block).clamp(max=tree.num_blocks)  # complete visible blocks per row (Q,)
+    partial = positions + 1 - blocks * block
+    wanted = torch.round((budgets - partial[None]).clamp(min=0).double() / block).long()
+    wanted = torch.minimum(wanted.clamp(min=1), blocks[None].expand_as(wanted))  # (B, Q)
+    scaled = query * scaling
+    softmax = _Softmax()
+    heads = (kv_heads if sharing != "all" else 1) * (n_rep if sharing == "per_head" else 1)
+    exact, rest_terms = 0.0, 0.0
+    if tree.num_blocks > 0 and int(blocks.max()) > 0:
+        level = tree.level(0)
+        count = level["count"]  # (B, N)
+        nodes = torch.arange(count.shape[1], device=device)
+        valid = (nodes < blocks[:, None])[None] & (count[:, None] > 0)  # (B, Q, N)
+        bound = _scores(torch.cat([query.clamp(min=0), -query.clamp(max=0)], -1), level["kbox"])
+        bound = _reduce_heads(bound, sharing, "max")
+        forced = (nodes < config.sink_blocks)[None] | (nodes[None] >= blocks[:, None] - config.local_blocks)
+        bound = torch.where(forced[None, None, None], torch.finfo(bound.dtype).max, bound)
+        bound = bound.masked_fill(~valid[:, None, None], float("-inf"))
+        width = int(wanted.max())
+        top, kept = bound.topk(min(width, bound.shape[-1]), dim=-1)
+        kept_ok = (torch.arange(top.shape[-1], device=device) < wanted[:, None, None, :, None]) & torch.isfinite(top)
+        used = tree.num_blocks * block
+        selected = torch.zeros_like(bound, dtype=torch.bool).scatter_(-1, kept, kept_ok)
+        if q_len > GATHER_ROWS:
+            # prefill: every row's selected blocks as a mask over one score matrix (the same terms as the
+            # gather below, cheaper when many rows share the keys)
+            mask = selected.repeat_interleave(block, -1)
+            if key_valid is not None:
+                mask = mask & key_valid[:, None, None, None, :used]
+            softmax.add(_scores(scaled, key[:, :, :used]).masked_fill(~mask, float("-inf")), value[:, :, :used])
+            exact += float(mask.sum()) / heads
+        else:
+            exact += _gather_blocks(key, value, key_valid, kept, kept_ok, block, tree.num_blocks, scaled, softmax,
+                                    heads)
+        if config.estimate == "mean":
+            rest = valid[:, None, None] & ~selected
+            counts = count.clamp(min=1)[:, None, None, None]  # (B, 1, 1, 1, N)
+            logits = _scores(scaled, level["ksum"]) / counts  # q . mean key
+            softmax.add(logits.masked_fill(~rest, float("-inf")), level["vsum"], counts)
+            rest_terms = float(rest.sum()) / heads
+    exact += _local_block(key, value, rows, positions, blocks, block, scaled, softmax)
+    config.stats.add(q_len * batch, float(visible.sum()), exact, exact + rest_terms)
+    return softmax.result()
+
+
+def _gather_blocks(key, value, key_valid, kept, kept_ok, block, num_blocks, scaled, softmax, heads) -> float:
+    """Decode: gather the kept blocks (one contiguous block * D row per index, not single keys)."""
+    batch, kv_heads, dim = key.shape[0], key.shape[1], key.shape[-1]
+    device = key.device
+    used = num_blocks * block
+    block_keys = _gather(key[:, :, :used].reshape(batch, kv_heads, num_blocks, block * dim), kept)
+    block_values = _gather(value[:, :, :used].reshape(batch, kv_heads, num_blocks, -1), kept)
+    valid_keys = kept_ok[..., None].expand(*kept_ok.shape, block).flatten(-2)
+    if key_valid is not None:
+        key_positions = (kept[..., None] * block + torch.arange(block, device=device)).flatten(-2)
+        valid_keys = valid_keys & key_valid.gather(1, key_positions.flatten(1)).view(key_positions.shape)
+    block_keys = block_keys.view(batch, kv_heads, *kept.shape[2:], block, dim).flatten(-3, -2)
+    block_values = block_values.view(batch, kv_heads, *kept.shape[2:], block, -1).flatten(-3, -2)
+    softmax.add(_dot(scaled, block_keys).masked_fill(~valid_keys, float("-inf")), block_values)
+    return float(valid_keys.sum()) / heads
+
+
 def _bound_rows(config, tree: KeyTree, key, value, key_valid, query, positions, rows, budgets, visible, scaling):
     """Hierarchical top-W descent on the min/max bound; exact on kept leaves, estimated on the rest."""
     batch, kv_heads, n_rep, q_len, dim = query.shape

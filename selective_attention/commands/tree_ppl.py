@@ -35,7 +35,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--methods", nargs="+", default=["dense", "bound", "topk", *SEED_METHODS])
     parser.add_argument("--exponents", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2])
-    parser.add_argument("--leaf-block", type=int, default=16)
+    parser.add_argument("--leaf-blocks", type=int, nargs="+", default=[16], help="bound: keys per leaf block")
+    parser.add_argument("--descent", choices=["flat", "tree"], default="flat", help="bound: block selection")
+    parser.add_argument("--sharing", choices=["per_head", "kv_group", "all"], default=None,
+                        help="heads that share one selection (default: per_head for bound/topk, all for seed)")
     parser.add_argument("--estimates", nargs="+", default=["mean", "none"], help="bound: rest-mass estimate")
     parser.add_argument("--layers", default=None, help="comma-separated layers (default all)")
     parser.add_argument("--seed", type=int, default=0)
@@ -84,16 +87,18 @@ def configurations(args) -> list[tuple[str, dict]]:
         if method == "dense":
             out.append(("dense", dict(method="dense")))
         elif method == "bound":
-            for fraction in args.fractions:
-                for estimate in args.estimates:
-                    out.append((f"bound/{estimate}@{fraction}", dict(method="bound", fraction=fraction,
-                                                                       estimate=estimate, leaf_block=args.leaf_block)))
+            for leaf in args.leaf_blocks:
+                for fraction in args.fractions:
+                    for estimate in args.estimates:
+                        name = f"bound/{args.descent}/b{leaf}/{estimate}@{fraction}"
+                        out.append((name, dict(method="bound", fraction=fraction, estimate=estimate, leaf_block=leaf,
+                                               descent=args.descent, sharing=args.sharing)))
         elif method == "topk":
             for fraction in args.fractions:
-                out.append((f"topk@{fraction}", dict(method="topk", fraction=fraction)))
+                out.append((f"topk@{fraction}", dict(method="topk", fraction=fraction, sharing=args.sharing)))
         else:
             for exponent in args.exponents:
-                out.append((f"{method}@E={exponent}", dict(method=method, exponent=exponent)))
+                out.append((f"{method}@E={exponent}", dict(method=method, exponent=exponent, sharing=args.sharing)))
     return out
 
 

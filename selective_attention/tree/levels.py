@@ -10,6 +10,7 @@ Each node keeps what a selection method needs (only the stats requested are buil
 - ``count``: valid (non-padding) keys below the node;
 - ``ksum``, ``vsum``: sums of keys and values (node representative = mean value, mean key);
 - ``kmin``, ``kmax``: element-wise min/max of keys (upper bound of q.k for every key below);
+- ``kbox``: [kmax, -kmin] in one row (2D), so the bound is a single product [q+, -q-] . kbox;
 - ``feat``: sum of phi(k) for a feature map (float64).
 """
 
@@ -20,13 +21,13 @@ from typing import Callable
 
 import torch
 
-STATS = ("ksum", "vsum", "kmin", "kmax", "feat")
+STATS = ("ksum", "vsum", "kmin", "kmax", "kbox", "feat")
 
 
 def _combine(stat: str, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     if stat == "kmin":
         return torch.minimum(left, right)
-    if stat == "kmax":
+    if stat in ("kmax", "kbox"):
         return torch.maximum(left, right)
     return left + right
 
@@ -102,6 +103,9 @@ class KeyTree:
                 out[stat] = keys.masked_fill(~mask, float("inf")).amin(3)
             elif stat == "kmax":
                 out[stat] = keys.masked_fill(~mask, float("-inf")).amax(3)
+            elif stat == "kbox":
+                out[stat] = torch.cat([keys.masked_fill(~mask, float("-inf")).amax(3),
+                                       (-keys).masked_fill(~mask, float("-inf")).amax(3)], dim=-1)
             elif stat == "feat":
                 out[stat] = (self.feature_fn(keys) * mask).sum(3)
         return out
