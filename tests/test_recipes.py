@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from selective_attention import nli
@@ -268,11 +267,10 @@ def test_cpu_smoke_run_through_accelerate_launch(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_embedded_model_loss_goes_down(tmp_path):
-    """A few LoRA steps on one batch of the real SmolLM2: the answer-token loss must fall."""
+    """Three LoRA steps on one batch of the real SmolLM2: the answer-token loss must fall."""
     config = load_config(FinetuneConfig, SMOKE, [f"output_dir={tmp_path / 'run'}"], values={
         "evaluate_before": False, "max_new_tokens": 2,
-        "data": {"dataset": "sample", "train_size": 4, "eval_size": 0, "test_size": 2, "max_length": 128},
-        "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 2e-3, "logging_steps": 1}})
-    torch.set_num_threads(2)
+        "data": {"dataset": "sample", "train_size": 2, "eval_size": 0, "test_size": 1, "max_length": 128},
+        "training": {"max_steps": 3, "batch_size": 2, "learning_rate": 2e-3, "logging_steps": 1}})
     losses = [row["loss"] for row in run_finetune(config)["train"]["loss_history"]]
-    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
