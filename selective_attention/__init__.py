@@ -4,7 +4,13 @@ Importing the package registers its attention functions (`sa_masked_sdpa`, `sa_m
 transformers' `AttentionInterface` and `AttentionMaskInterface`.
 """
 
-from .registry import register_all as _register_all
+import logging as _logging
+
+# transformers imports torchao (our CPU int8 backend) when it loads a model; on a CPU-only torch, torchao logs a
+# "Failed to load ... .so" warning per CUDA kernel library. They are harmless here: keep them out of users' logs.
+_logging.getLogger("torchao").setLevel(_logging.ERROR)
+
+from .registry import register_all as _register_all  # noqa: E402
 
 _register_all()
 
