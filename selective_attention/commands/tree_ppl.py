@@ -96,8 +96,10 @@ def configurations(args) -> list[tuple[str, dict]]:
         elif method == "topk":
             for fraction in args.fractions:
                 out.append((f"topk@{fraction}", dict(method="topk", fraction=fraction, sharing=args.sharing)))
-        else:
-            for exponent in args.exponents:
+    # seed methods: every method at the first exponent before the next exponent, so a partial run covers all
+    for exponent in args.exponents:
+        for method in args.methods:
+            if method in SEED_METHODS:
                 out.append((f"{method}@E={exponent}", dict(method=method, exponent=exponent, sharing=args.sharing)))
     return out
 
