@@ -86,7 +86,9 @@ def masked(base: Callable) -> Callable:
             query = query.index_fill(1, mask.index(query.device), 0.0)
         output, weights = base(module, query, key, value, attention_mask, *args, **kwargs)
         if mask.mode == "zero":
-            output = output.index_fill(2, mask.index(output.device), 0.0)
+            # In place when no graph needs the original (saves a copy of the whole output at inference).
+            fill = output.index_fill_ if not (torch.is_grad_enabled() and output.requires_grad) else output.index_fill
+            output = fill(2, mask.index(output.device), 0.0)
         elif mask.mode == "mean":
             output = _mean_ablate(mask, output, attention_mask, key.shape[2])
         return output, weights
