@@ -89,7 +89,7 @@ def _draw(ax, weights: torch.Tensor, tokens: list[str], title: str) -> None:
     image = ax.imshow(weights.numpy(), cmap="viridis", aspect="auto", interpolation="nearest", vmin=0)
     ax.set_title(title, fontsize=9)
     if len(tokens) <= LABELLED_TOKENS:
-        labels = [t.replace("\n", "\\n") for t in tokens]
+        labels = [_printable(t) for t in tokens]
         ax.set_xticks(range(len(tokens)), labels, rotation=90, fontsize=6)
         ax.set_yticks(range(len(tokens)), labels, fontsize=6)
     ax.set_xlabel("key")
@@ -127,6 +127,11 @@ def plot_head_across_layers(maps: dict[int, torch.Tensor], tokens: list[str], he
                             label: str = "") -> Path:
     return _grid([(maps[layer][head], f"layer {layer} head {head}") for layer in sorted(maps)], tokens, path,
                  f"Head {head} across layers {label}".strip())
+
+
+def _printable(token: str) -> str:
+    """Tick label for a token: control characters (newlines, byte tokens of random models) as escapes."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in token)
 
 
 def plot_average(maps: dict[int, torch.Tensor], tokens: list[str], path: Path, label: str = "") -> Path:

@@ -177,3 +177,20 @@ def test_dimension_mismatch_and_missing_layers():
     model = build_tiny(tiny_llama_config(), "sdpa")
     with pytest.raises(ValueError, match="do not exist"):
         configure_tree_kernel(model, TreeKernelConfig(layers=(7,)))
+
+
+@pytest.mark.slow
+def test_seed_descent_on_real_keys_stays_in_the_tree(embedded_model_dir):
+    """Regression: on SmolLM2's keys the sampled descent once expanded an unchosen slot whose children did not
+    exist in the tree (IndexError at 1024 tokens, alignment E=0.7)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from selective_attention.needle.haystack import load_haystack_text
+
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32)
+    ids = tokenizer(load_haystack_text(), return_tensors="pt").input_ids[:, :1024]
+    configure_tree_kernel(model, TreeKernelConfig(method="alignment", exponent=0.7))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()

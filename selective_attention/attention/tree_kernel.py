@@ -628,8 +628,11 @@ def _seed_rows(config, tree: KeyTree, key, value, key_valid, query, positions, r
         values, pick = keys.topk(parallel, dim=-1)
         chosen = (torch.arange(parallel, device=device) < room[..., None]) & torch.isfinite(values)
         parent_level, parent_index = bud_level.gather(-1, pick), bud_index.gather(-1, pick)
-        child_level = (parent_level - 1).clamp(min=0)
-        left, right = 2 * parent_index, 2 * parent_index + 1
+        # Unchosen picks may point at slots holding no complete node (their children need not exist in the
+        # tree's buffers): send them to leaf 0, their results land in the trash slot anyway.
+        child_level = torch.where(chosen, parent_level - 1, 0)
+        left = torch.where(chosen, 2 * parent_index, 0)
+        right = torch.where(chosen, 2 * parent_index + 1, 0)
         left_mass, left_ok = log_mass(child_level, left)
         right_mass, right_ok = log_mass(child_level, right)
         slot_left = torch.where(chosen, pick, trash)
