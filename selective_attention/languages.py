@@ -129,23 +129,11 @@ class Language:
 
     def resolve_needles(self, spec: str | None) -> list:
         """`None` (this language's first needle), "all", built-in names "a,b", or a JSONL path."""
-        from .needle.needles import load_needles, resolve_needles
+        from .needle.needles import resolve_needles
 
-        if self.needles_file is None:
+        if self.needles_file is None:  # English: the package's own needle set
             return resolve_needles(spec)
-        builtin = {n.name: n for n in self.needles()}
-        if not spec:
-            return [next(iter(builtin.values()))]
-        if spec == "all":
-            return list(builtin.values())
-        if spec.endswith(".jsonl") or Path(spec).exists():
-            return load_needles(spec)
-        names = [part.strip() for part in spec.split(",") if part.strip()]
-        unknown = [name for name in names if name not in builtin]
-        if unknown:
-            raise ValueError(f"unknown {self.name} needle(s) {', '.join(unknown)}; built-in: {', '.join(builtin)} "
-                             "(or a .jsonl file)")
-        return [builtin[name] for name in names]
+        return resolve_needles(spec, self.needles(), self.name)
 
     def haystack_text(self, source: str | Path | None = None) -> str:
         """Haystack text: `source` (a folder of .txt files, a file, or `dataset:NAME[:SPLIT[:COLUMN]]`) when given,

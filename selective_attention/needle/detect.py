@@ -30,7 +30,7 @@ from ..attention.probe import probing
 from ..heads import head_key, load_head_scores, load_sidecar, save_head_scores, sidecar_path
 from ..masking import text_config
 from .generate import SharedPrefix, greedy_decode, reference_decode, stop_token_ids
-from .haystack import Haystack, NeedlePrompt, build_prompt, check_length, load_haystack_text, prompt_template
+from .haystack import Haystack, NeedlePrompt, build_prompt, check_grid, check_length, load_haystack_text, prompt_template
 from .needles import Needle
 from ..languages import get_language
 from ..quantization import describe_model
@@ -64,16 +64,9 @@ class DetectConfig:
         self.haystack_language = get_language(self.haystack_language or self.language).code
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
-        if not self.lengths or any(int(n) < 1 for n in self.lengths):
-            raise ValueError(f"context lengths must be positive integers, got {self.lengths}")
-        if not self.depths or any(not 0 <= float(d) <= 100 for d in self.depths):
-            raise ValueError(f"depths must lie in [0, 100], got {self.depths}")
-        if not self.needles:
-            raise ValueError("at least one needle is needed")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        self.lengths = sorted({int(n) for n in self.lengths})
-        self.depths = sorted({float(d) for d in self.depths})
+        self.lengths, self.depths = check_grid(self.lengths, self.depths, self.needles)
 
     def settings(self) -> dict:
         data = asdict(self)

@@ -22,7 +22,7 @@ from ..attention.masked import MASK_MODES
 from ..heads import Head, check_head_scores, head_key, load_head_scores, load_sidecar, select_heads, validate_heads
 from ..masking import mask_heads, text_config
 from .generate import SharedPrefix, greedy_decode, stop_token_ids
-from .haystack import Haystack, NeedlePrompt, build_prompt, check_length, prompt_template
+from .haystack import Haystack, NeedlePrompt, build_prompt, check_grid, check_length, prompt_template
 from .needles import Needle
 from ..languages import get_language
 from ..quantization import describe_model
@@ -57,14 +57,7 @@ class NeedleConfig:
             raise ValueError(f"unknown mask mode {self.mask_mode!r}; expected one of {', '.join(MASK_MODES)}")
         if self.score_against not in SCORE_TARGETS:
             raise ValueError(f"score_against must be one of {SCORE_TARGETS}, got {self.score_against!r}")
-        if not self.lengths or any(int(n) < 1 for n in self.lengths):
-            raise ValueError(f"context lengths must be positive integers, got {self.lengths}")
-        if not self.depths or any(not 0 <= float(d) <= 100 for d in self.depths):
-            raise ValueError(f"depths must lie in [0, 100], got {self.depths}")
-        if not self.needles:
-            raise ValueError("at least one needle is needed")
-        self.lengths = sorted({int(n) for n in self.lengths})
-        self.depths = sorted({float(d) for d in self.depths})
+        self.lengths, self.depths = check_grid(self.lengths, self.depths, self.needles)
 
 
 def resolve_mask(spec: str | None, num_layers: int, num_heads: int, head_scores: str | Path | None = None,

@@ -212,6 +212,17 @@ def max_context(model) -> int | None:
     return getattr(text_config(model), "max_position_embeddings", None)
 
 
+def check_grid(lengths, depths, needles) -> tuple[list[int], list[float]]:
+    """Validate a needle grid; returns the sorted, de-duplicated context lengths and depths (percent)."""
+    if not lengths or any(int(n) < 1 for n in lengths):
+        raise ValueError(f"context lengths must be positive integers, got {lengths}")
+    if not depths or any(not 0 <= float(d) <= 100 for d in depths):
+        raise ValueError(f"depths must lie in [0, 100], got {depths}")
+    if not needles:
+        raise ValueError("at least one needle is needed")
+    return sorted({int(n) for n in lengths}), sorted({float(d) for d in depths})
+
+
 def check_length(model, prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
     limit = max_context(model)
     if limit is not None and prompt_tokens + max_new_tokens > limit:

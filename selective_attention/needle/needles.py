@@ -80,17 +80,21 @@ def load_needles(path: str | Path) -> list[Needle]:
     return needles
 
 
-def resolve_needles(spec: str | None) -> list[Needle]:
-    """"sf" (default), "all", built-in names "sf,violin", or a JSONL path."""
-    builtin = {n.name: n for n in builtin_needles()}
-    if spec is None or spec == "":
-        return [builtin["sf"]]
+def resolve_needles(spec: str | None, builtin: list[Needle] | None = None, label: str = "") -> list[Needle]:
+    """None (the first built-in needle: "sf"), "all", built-in names "sf,violin", or a JSONL path.
+
+    `builtin` replaces the English set (a language's own needles); `label` names that set in errors.
+    """
+    known = {n.name: n for n in (builtin if builtin is not None else builtin_needles())}
+    if not spec:
+        return [next(iter(known.values()))]
     if spec == "all":
-        return list(builtin.values())
+        return list(known.values())
     if spec.endswith(".jsonl") or Path(spec).exists():
         return load_needles(spec)
     names = [part.strip() for part in spec.split(",") if part.strip()]
-    unknown = [name for name in names if name not in builtin]
+    unknown = [name for name in names if name not in known]
     if unknown:
-        raise ValueError(f"unknown needle(s) {', '.join(unknown)}; built-in: {', '.join(builtin)} (or a .jsonl file)")
-    return [builtin[name] for name in names]
+        raise ValueError(f"unknown {label + ' ' if label else ''}needle(s) {', '.join(unknown)}; built-in: "
+                         f"{', '.join(known)} (or a .jsonl file)")
+    return [known[name] for name in names]
