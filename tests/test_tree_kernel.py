@@ -194,3 +194,13 @@ def test_seed_descent_on_real_keys_stays_in_the_tree(embedded_model_dir):
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all()
+
+
+def test_rff_estimates_that_overflow_or_go_negative_stay_finite():
+    """RFF kernel estimates overflow (exp of large norms) or are negative; the output must stay a finite average."""
+    torch.manual_seed(5)
+    q, k, v = torch.randn(1, 4, 64, 16) * 4, torch.randn(1, 2, 64, 16) * 4, torch.randn(1, 2, 64, 16)
+    for seed in range(4):
+        config = TreeKernelConfig(method="rff", exponent=0.3, seed=seed, num_features=2)
+        out, _ = tree_attention(q, k, v, None, config)
+        assert torch.isfinite(out).all(), seed

@@ -546,7 +546,12 @@ def _leaf_log_weight(config, tree, method, query, scaling, stats, level, index, 
     inner = _dot(phi, stats["feat"]).float()
     if method == "positive_alignment":
         return inner / count
-    return torch.log(inner.clamp(min=0) / count)
+    # The feature sums overflow at large key norms (exp(|k|^2/2) per key: inf, or inf - inf = nan for RFF's signed
+    # features) and RFF estimates can be <= 0. Keep every estimate a finite positive number: an overflow counts
+    # as the largest weight, a non-positive or undefined estimate as (almost) no mass, so no row's softmax
+    # turns into inf - inf.
+    finfo = torch.finfo(inner.dtype)
+    return torch.log(inner.nan_to_num(nan=0.0, posinf=finfo.max).clamp(min=finfo.tiny) / count)
 
 
 def _sampling_log_mass(config, method, query, scaling, stats, level, index, visible_len):
