@@ -133,6 +133,28 @@ def check_head_scores(scores: HeadScores, num_layers: int, num_heads: int, meta:
         raise ValueError(f"{source} does not fit this model ({num_layers} layers x {num_heads} heads): {error}") from None
 
 
+#: Head scores of the embedded SmolLM2 measured by `selective-attention detect` (see docs/retrieval.md).
+EMBEDDED_MODEL_SCORES = "data/smollm2_head_scores.json"
+
+
+def model_head_scores(path: str | Path | None, model: str | None, num_layers: int,
+                      num_heads: int) -> tuple[HeadScores | None, str | None]:
+    """Head scores for a model, checked against its shape: `path` when given, else (for the embedded model,
+    `model` None) the scores shipped with the package, else None. Returns the scores and where they came from."""
+    from importlib import resources
+
+    if path:
+        scores = load_head_scores(path)
+        check_head_scores(scores, num_layers, num_heads, load_sidecar(path), source=str(path))
+        return scores, str(path)
+    shipped = resources.files("selective_attention").joinpath(EMBEDDED_MODEL_SCORES)
+    if model is None and shipped.is_file():
+        scores = load_head_scores(shipped)
+        check_head_scores(scores, num_layers, num_heads, source="shipped SmolLM2 scores")
+        return scores, "shipped SmolLM2 scores"
+    return None, None
+
+
 def mean_scores(scores: HeadScores) -> dict[Head, float]:
     """Mean score per head (an empty list scores 0)."""
     return {parse_head(key): (sum(values) / len(values) if values else 0.0) for key, values in scores.items()}

@@ -101,9 +101,43 @@ def test_plots_open_with_labelled_axes(tmp_path):
     import matplotlib.pyplot as plt
 
     figure, ax = plt.subplots()
-    from selective_attention.attention_maps import _draw
+    from selective_attention.attention_maps import _draw, _printable
 
     _draw(ax, maps[0][0], tokens, "t")
     assert ax.get_xlabel() == "key" and ax.get_ylabel() == "query"
-    assert [t.get_text() for t in ax.get_xticklabels()] == tokens
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == [_printable(t) for t in tokens] and all(label.isprintable() for label in labels)
+    assert "\\x04" in labels  # the random model's control-character token, escaped
     plt.close(figure)
+
+
+@pytest.mark.slow
+def test_cli_masks_the_embedded_models_top_heads_from_its_shipped_scores(embedded_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from selective_attention.cli import main
+
+    out = tmp_path / "maps"
+    assert main(["attention-map", "--layers", "0,18", "--head", "6", "--mask", "top:3", "--mask-mode", "uniform",
+                 "--out", str(out)]) == 0
+    for name in ("layer18.png", "after/layer18.png", "compare_layer18_head6.png", "tokens.json"):
+        assert (out / name).is_file(), name
+    maps = load_file(str(out / "maps.safetensors"))
+    before, after = maps["before.layer18"], maps["after.layer18"]
+    assert torch.allclose(before.sum(-1), torch.ones_like(before.sum(-1)), atol=1e-4)
+    # 18-6 is the embedded model's top retrieval head: uniform masking flattens its rows; layer 0 lies before
+    # every masked head (the shipped top-3 sit in layers 17-23) and does not change
+    rows = torch.arange(before.shape[-1])
+    assert torch.allclose(after[6, rows, 0], 1.0 / (rows + 1), atol=1e-5)
+    assert (after[6] - before[6]).abs().max() > 0.1
+    assert torch.equal(maps["after.layer0"], maps["before.layer0"])
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_bad_mask_before_writing_anything(embedded_model_dir, tmp_path):
+    from selective_attention.cli import main
+
+    out = tmp_path / "maps"
+    assert main(["attention-map", "--layers", "18", "--mask", "top:999", "--out", str(out)]) == 2
+    assert main(["attention-map", "--layers", "30", "--out", str(out)]) == 2
+    assert not out.exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from ..attention_maps import attention_maps, plot_average, plot_comparison, plot_head_across_layers, plot_layer
-from ..heads import load_head_scores, load_sidecar, select_heads
+from ..heads import model_head_scores, select_heads
 from ..loading import load_model
 from ..masking import mask_heads, text_config
 from . import add_model_arguments
@@ -30,7 +30,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--heads", default=None, help="comma-separated heads for the per-layer grids (default: all)")
     parser.add_argument("--head", type=int, default=0, help="head drawn across layers and in the comparison")
     parser.add_argument("--mask", default=None, help="intervention: heads to mask, 'L-H,...' or top:K/bottom:K/random:K")
-    parser.add_argument("--head-scores", type=Path, default=None, help="head-score JSON for top:/bottom:/random:")
+    parser.add_argument("--head-scores", type=Path, default=None,
+                        help="head-score JSON for top:/bottom:/random: (default for the embedded model: its shipped "
+                             "scores)")
     parser.add_argument("--mask-mode", default="zero", choices=["zero", "uniform", "mean"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare-model", default=None, help="intervention: a second model (e.g. a GQA conversion)")
@@ -50,19 +52,19 @@ def run(args: argparse.Namespace) -> int:
     layers = _ints(args.layers) or sorted({0, config.num_hidden_layers // 2, config.num_hidden_layers - 1})
     if not 0 <= args.head < config.num_attention_heads:
         raise ValueError(f"--head {args.head} out of range: the model has {config.num_attention_heads} heads")
+    if any(not 0 <= layer < config.num_hidden_layers for layer in layers):
+        raise ValueError(f"--layers {layers} out of range: the model has {config.num_hidden_layers} layers")
+    heads = None
+    if args.mask:  # resolved before any work, so a bad spec or score file costs nothing
+        scores, _ = model_head_scores(args.head_scores, args.model, config.num_hidden_layers,
+                                      config.num_attention_heads)
+        heads = select_heads(scores, args.mask, seed=args.seed, num_layers=config.num_hidden_layers,
+                             num_heads=config.num_attention_heads)
     before, tokens = attention_maps(model, tokenizer, text, layers, chat=args.chat)
     written = _draw_all(before, tokens, layers, _ints(args.heads), args.head, args.out, "")
 
     after, label = None, None
-    if args.mask:
-        scores = load_head_scores(args.head_scores) if args.head_scores else None
-        if scores is not None:
-            from ..heads import check_head_scores
-
-            check_head_scores(scores, config.num_hidden_layers, config.num_attention_heads,
-                              load_sidecar(args.head_scores), str(args.head_scores))
-        heads = select_heads(scores, args.mask, seed=args.seed, num_layers=config.num_hidden_layers,
-                             num_heads=config.num_attention_heads)
+    if heads is not None:
         label = f"masked {len(heads)} heads ({args.mask_mode})"
         with mask_heads(model, heads, mode=args.mask_mode):
             after, _ = attention_maps(model, tokenizer, text, layers, chat=args.chat)

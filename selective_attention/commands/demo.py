@@ -10,14 +10,10 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from importlib import resources
 
 from . import add_model_arguments
 
 logger = logging.getLogger(__name__)
-
-#: Head scores of the embedded SmolLM2 measured by `selective-attention detect` (see docs/retrieval.md).
-BUILTIN_SCORES = "data/smollm2_head_scores.json"
 
 
 def add_parser(subparsers) -> None:
@@ -35,20 +31,8 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _scores(args):
-    from ..heads import load_head_scores
-
-    if args.head_scores:
-        return load_head_scores(args.head_scores), args.head_scores
-    if args.model is None:
-        path = resources.files("selective_attention").joinpath(BUILTIN_SCORES)
-        if path.is_file():
-            return load_head_scores(path), "shipped SmolLM2 scores"
-    return None, None
-
-
 def run(args: argparse.Namespace) -> int:
-    from ..heads import check_head_scores, load_sidecar, select_heads
+    from ..heads import model_head_scores, select_heads
     from ..loading import load_model
     from ..masking import mask_heads, text_config
     from ..needle.generate import greedy_decode, stop_token_ids
@@ -61,11 +45,7 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
     config = text_config(model)
     layers, heads = config.num_hidden_layers, config.num_attention_heads
-    scores, source = _scores(args)
-    if scores is not None and args.head_scores:
-        check_head_scores(scores, layers, heads, load_sidecar(args.head_scores), source=args.head_scores)
-    elif scores is not None:
-        check_head_scores(scores, layers, heads, source=source)
+    scores, source = model_head_scores(args.head_scores, args.model, layers, heads)
 
     haystack = Haystack(tokenizer, load_haystack_text(), min_tokens=args.context_tokens)
     prompt = build_prompt(haystack, prompt_template(tokenizer, needle.question), needle, args.context_tokens,
