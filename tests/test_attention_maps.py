@@ -141,3 +141,51 @@ def test_cli_refuses_a_bad_mask_before_writing_anything(embedded_model_dir, tmp_
     assert main(["attention-map", "--layers", "18", "--mask", "top:999", "--out", str(out)]) == 2
     assert main(["attention-map", "--layers", "30", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_recording_keeps_the_tree_kernel_running():
+    """Maps of a tree-kernel model come from its own (approximated) forward: recording must not swap in SDPA."""
+    from selective_attention.attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
+
+    model = build_tiny(tiny_llama_config())
+    text = "a needle in a haystack is hard to find, harder still when the hay is long and the needle short " * 2
+    dense, tokens = attention_maps(model, _CharTokenizer(), text)
+    ids = _CharTokenizer()(text).input_ids
+    with torch.no_grad():
+        dense_logits = model(input_ids=ids).logits
+
+    configure_tree_kernel(model, TreeKernelConfig(method="bound", fraction=1.0, leaf_block=4))
+    full, _ = attention_maps(model, _CharTokenizer(), text)
+    assert all(torch.allclose(full[layer], dense[layer], atol=1e-5) for layer in dense)
+
+    configure_tree_kernel(model, TreeKernelConfig(method="bound", fraction=0.1, leaf_block=4, min_keys=4))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    with record_attention(model, [0, 1]) as record, torch.no_grad():
+        recorded = model(input_ids=ids).logits
+    assert torch.equal(recorded, expected)  # the tree kernel ran while recording
+    assert (expected - dense_logits).abs().max() > 1e-4  # ... and it is not SDPA at this budget
+    assert model.config._attn_implementation == "sa_tree_kernel"
+    approximated, _ = attention_maps(model, _CharTokenizer(), text)
+    assert torch.allclose(approximated[0], dense[0], atol=1e-5)  # layer 0 sees the same queries and keys
+    # layer 1 sees the approximated layer 0's output (a random model attends almost uniformly: small but real)
+    assert (approximated[1] - dense[1]).abs().max() > 1e-5
+    assert len(record.layers) == 2
+
+
+@pytest.mark.slow
+def test_cli_tree_kernel_intervention(embedded_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from selective_attention.cli import main
+
+    out = tmp_path / "maps"
+    text = " ".join(["The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park."] * 4)
+    assert main(["attention-map", "--layers", "0,29", "--text", text, "--tree-kernel", "bound", "--tree-fraction",
+                 "0.1", "--out", str(out)]) == 0
+    assert (out / "after" / "layer29.png").is_file() and (out / "compare_layer29_head0.png").is_file()
+    maps = load_file(str(out / "maps.safetensors"))
+    assert torch.allclose(maps["after.layer0"], maps["before.layer0"], atol=1e-5)
+    assert (maps["after.layer29"] - maps["before.layer29"]).abs().max() > 1e-3
+    assert main(["attention-map", "--tree-kernel", "nope", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()

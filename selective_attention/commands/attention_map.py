@@ -36,6 +36,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--mask-mode", default="zero", choices=["zero", "uniform", "mean"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compare-model", default=None, help="intervention: a second model (e.g. a GQA conversion)")
+    parser.add_argument("--tree-kernel", default=None, metavar="METHOD",
+                        help="intervention: tree-kernel attention (bound, topk, alignment, favor+, ...) in every layer; "
+                             "maps show the exact weights of the queries/keys the approximated model computes")
+    parser.add_argument("--tree-fraction", type=float, default=None, help="tree kernel: fraction of keys kept")
+    parser.add_argument("--tree-exponent", type=float, default=None, help="tree kernel: seed methods' E (l^E buds)")
     parser.add_argument("--adapter", default=None, help="intervention: a PEFT adapter loaded on top of --model")
     parser.add_argument("--out", type=Path, default=Path("attention_maps"))
     parser.set_defaults(func=run)
@@ -60,6 +65,11 @@ def run(args: argparse.Namespace) -> int:
                                       config.num_attention_heads)
         heads = select_heads(scores, args.mask, seed=args.seed, num_layers=config.num_hidden_layers,
                              num_heads=config.num_attention_heads)
+    tree = None
+    if args.tree_kernel:  # a bad method or budget is refused before any work
+        from ..attention.tree_kernel import TreeKernelConfig
+
+        tree = TreeKernelConfig(method=args.tree_kernel, fraction=args.tree_fraction, exponent=args.tree_exponent)
     before, tokens = attention_maps(model, tokenizer, text, layers, chat=args.chat)
     written = _draw_all(before, tokens, layers, _ints(args.heads), args.head, args.out, "")
 
@@ -74,6 +84,15 @@ def run(args: argparse.Namespace) -> int:
         adapted = PeftModel.from_pretrained(model, args.adapter).eval()
         after, _ = attention_maps(adapted.base_model.model, tokenizer, text, layers, chat=args.chat)
         label = f"adapter {Path(args.adapter).name}"
+    elif args.tree_kernel:
+        from ..attention.tree_kernel import configure_tree_kernel
+
+        configure_tree_kernel(model, tree)
+        try:
+            after, _ = attention_maps(model, tokenizer, text, layers, chat=args.chat)
+        finally:
+            configure_tree_kernel(model, None)
+        label = f"tree kernel {args.tree_kernel}"
     elif args.compare_model:
         other, _ = load_model(args.compare_model, dtype=args.dtype, attn_implementation=args.attn, device=args.device,
                               trust_remote_code=True)
