@@ -10,6 +10,7 @@ import json
 import random
 import re
 from collections.abc import Iterable
+from importlib import resources
 from pathlib import Path
 from typing import Union
 
@@ -141,8 +142,6 @@ def model_head_scores(path: str | Path | None, model: str | None, num_layers: in
                       num_heads: int) -> tuple[HeadScores | None, str | None]:
     """Head scores for a model, checked against its shape: `path` when given, else (for the embedded model,
     `model` None) the scores shipped with the package, else None. Returns the scores and where they came from."""
-    from importlib import resources
-
     if path:
         scores = load_head_scores(path)
         check_head_scores(scores, num_layers, num_heads, load_sidecar(path), source=str(path))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from ..attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
 from ..attention_maps import attention_maps, plot_average, plot_comparison, plot_head_across_layers, plot_layer
 from ..heads import model_head_scores, select_heads
 from ..loading import load_model
@@ -67,8 +68,6 @@ def run(args: argparse.Namespace) -> int:
                              num_heads=config.num_attention_heads)
     tree = None
     if args.tree_kernel:  # a bad method or budget is refused before any work
-        from ..attention.tree_kernel import TreeKernelConfig
-
         tree = TreeKernelConfig(method=args.tree_kernel, fraction=args.tree_fraction, exponent=args.tree_exponent)
     before, tokens = attention_maps(model, tokenizer, text, layers, chat=args.chat)
     written = _draw_all(before, tokens, layers, _ints(args.heads), args.head, args.out, "")
@@ -84,9 +83,7 @@ def run(args: argparse.Namespace) -> int:
         adapted = PeftModel.from_pretrained(model, args.adapter).eval()
         after, _ = attention_maps(adapted.base_model.model, tokenizer, text, layers, chat=args.chat)
         label = f"adapter {Path(args.adapter).name}"
-    elif args.tree_kernel:
-        from ..attention.tree_kernel import configure_tree_kernel
-
+    elif tree is not None:
         configure_tree_kernel(model, tree)
         try:
             after, _ = attention_maps(model, tokenizer, text, layers, chat=args.chat)

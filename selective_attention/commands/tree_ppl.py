@@ -183,8 +183,6 @@ def run(args: argparse.Namespace) -> int:
              "| configuration | ppl | vs dense | exact keys | softmax terms / keys | scored tokens |",
              "|---|---:|---:|---:|---:|---:|"]
     for name, row in results.items():
-        if row["config"]["method"] == "dense":  # files written before dense recorded its fractions
-            row.update(exact_fraction=1.0, terms_fraction=1.0)
         delta = f"{100 * (row['ppl'] / dense - 1):+.1f}%" if dense else "-"
         lines.append(f"| {name} | {row['ppl']:.3f} | {delta} | {row['exact_fraction']:.3f} | "
                      f"{row['terms_fraction']:.3f} | {row['scored_tokens']} |")
