@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from selective_attention.loading import load_model
+from selective_attention.modeling import cache_kwargs
 from selective_attention.models.convert import calibration_token_ids, convert_model
 
 logger = logging.getLogger("gqa_kv_cache")
@@ -55,7 +56,7 @@ def measure(model, ids: torch.Tensor, decode_tokens: int) -> dict:
     token = output.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        output = model(token, cache=cache, use_cache=True)
+        output = model(token, **cache_kwargs(cache), use_cache=True)
         token = output.logits[:, -1:].argmax(-1)
     decode = time.perf_counter() - start
     return {"prefill_s": prefill, "cache_bytes": cache_bytes, "cache_kv_heads": heads,

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from ..modeling import cache_kwargs
+
 #: End-of-turn tokens of common chat templates, used when present in the vocabulary.
 CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>", "<|end_of_text|>")
 
@@ -51,7 +53,7 @@ def prefix_cache(model, input_ids: list[int]) -> DynamicCache | None:
     if not input_ids:
         return None
     with torch.inference_mode():
-        model(input_ids=torch.tensor([input_ids], device=model.device), cache=cache, use_cache=True,
+        model(input_ids=torch.tensor([input_ids], device=model.device), **cache_kwargs(cache), use_cache=True,
               logits_to_keep=1)
     layers = getattr(cache, "layers", [])
     if not layers or any(type(layer).__name__ != "DynamicLayer" or layer.keys is None
@@ -83,7 +85,7 @@ def greedy_decode(model, input_ids: list[int], *, stop_ids: set[int], max_new_to
     steps: list[torch.Tensor] = []
     with torch.inference_mode():
         while True:
-            out = model(input_ids=feed, cache=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=feed, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
             if recorder is not None:
                 steps.append(recorder.collect()[:, 0, :, -1])
             token = int(out.logits[0, -1].argmax())
@@ -107,11 +109,11 @@ def reference_decode(model, input_ids: list[int], *, stop_ids: set[int], max_new
         steps: list[torch.Tensor] = []
         with torch.inference_mode():
             if len(input_ids) > 1:
-                model(input_ids=torch.tensor([input_ids[:-1]], device=model.device), cache=cache,
+                model(input_ids=torch.tensor([input_ids[:-1]], device=model.device), **cache_kwargs(cache),
                       use_cache=True, logits_to_keep=1)
             feed = torch.tensor([[input_ids[-1]]], device=model.device)
             while True:
-                out = model(input_ids=feed, cache=cache, use_cache=True, output_attentions=True)
+                out = model(input_ids=feed, **cache_kwargs(cache), use_cache=True, output_attentions=True)
                 steps.append(torch.stack([weights[0, :, -1].argmax(dim=-1) for weights in out.attentions]))
                 token = int(out.logits[0, -1].argmax())
                 tokens.append(token)
