@@ -1,4 +1,4 @@
-"""Load any causal LM (hub id, local dir, .gguf file) or, by default, the embedded SmolLM2."""
+"""Load any causal LM (hub id, local dir, .gguf file, embedded model name) or, by default, the embedded SmolLM2."""
 
 from __future__ import annotations
 
@@ -17,8 +17,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def resolve_model(model: str | Path | None) -> str:
-    """`None` means the embedded default model."""
-    return str(assets.model_dir()) if model is None else str(model)
+    """`None` means the embedded default model; an embedded model's name (`smollm2-135m`, `gemma3-270m`) its
+    cached checkpoint, fetched and converted on first use."""
+    if model is None:
+        return str(assets.model_dir())
+    if str(model) in assets.EMBEDDED_MODELS:
+        return str(assets.model_dir(model=str(model)))
+    return str(model)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
