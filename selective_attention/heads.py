@@ -136,21 +136,28 @@ def check_head_scores(scores: HeadScores, num_layers: int, num_heads: int, meta:
 
 #: Head scores of the embedded SmolLM2 measured by `selective-attention detect` (see docs/retrieval.md).
 EMBEDDED_MODEL_SCORES = "data/smollm2_head_scores.json"
+#: Scores shipped per embedded model name (`--model`; None is the default SmolLM2): (package file, label).
+SHIPPED_SCORES = {None: (EMBEDDED_MODEL_SCORES, "shipped SmolLM2 scores"),
+                  "smollm2-135m": (EMBEDDED_MODEL_SCORES, "shipped SmolLM2 scores"),
+                  "gemma3-270m": ("data/gemma3_270m_head_scores.json", "shipped Gemma 3 270M scores")}
 
 
 def model_head_scores(path: str | Path | None, model: str | None, num_layers: int,
                       num_heads: int) -> tuple[HeadScores | None, str | None]:
-    """Head scores for a model, checked against its shape: `path` when given, else (for the embedded model,
-    `model` None) the scores shipped with the package, else None. Returns the scores and where they came from."""
+    """Head scores for a model, checked against its shape: `path` when given, else (for an embedded model: `model`
+    None or its name) the scores shipped with the package, else None. Returns the scores and where they came from."""
     if path:
         scores = load_head_scores(path)
         check_head_scores(scores, num_layers, num_heads, load_sidecar(path), source=str(path))
         return scores, str(path)
-    shipped = resources.files("selective_attention").joinpath(EMBEDDED_MODEL_SCORES)
-    if model is None and shipped.is_file():
+    if model not in SHIPPED_SCORES:
+        return None, None
+    relative, label = SHIPPED_SCORES[model]
+    shipped = resources.files("selective_attention").joinpath(relative)
+    if shipped.is_file():
         scores = load_head_scores(shipped)
-        check_head_scores(scores, num_layers, num_heads, source="shipped SmolLM2 scores")
-        return scores, "shipped SmolLM2 scores"
+        check_head_scores(scores, num_layers, num_heads, source=label)
+        return scores, label
     return None, None
 
 

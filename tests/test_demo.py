@@ -44,3 +44,11 @@ def test_demo_without_head_scores_says_so(tiny_dir, capsys, caplog):
 def test_demo_refuses_head_counts_the_model_cannot_have(tiny_dir, heads, caplog):
     assert main(["demo", "--model", str(tiny_dir), "--heads", heads, "--context-tokens", "200"]) == 2
     assert any(f"--heads {heads}" in record.getMessage() for record in caplog.records)
+
+
+def test_shipped_scores_follow_the_embedded_model_name():
+    from selective_attention.heads import model_head_scores
+
+    default, label = model_head_scores(None, None, 30, 9)
+    assert label == "shipped SmolLM2 scores" and model_head_scores(None, "smollm2-135m", 30, 9) == (default, label)
+    assert model_head_scores(None, "some/other-model", 30, 9) == (None, None)
