@@ -47,7 +47,7 @@ def register_all() -> None:
     masked.register()
     record.register()
     # Optional modules register themselves when present (added by later features).
-    for module_name in ("probe", "tree_kernel"):
+    for module_name in ("probe", "tree_kernel", "headwise"):
         try:
             module = __import__(f"selective_attention.attention.{module_name}", fromlist=["register"])
         except ModuleNotFoundError as error:

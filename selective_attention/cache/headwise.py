@@ -1,0 +1,174 @@
+"""`HeadwiseCache` and the public entry point `headwise_cache`.
+
+    cache = headwise_cache(model, "head_scores.json", full=0.25, sink=64, window=256)
+    model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=32)      # prefill_chunk_size=... also works
+    with headwise_cache(model, scores) as cache: ...                        # restores the model on exit
+
+Layers with streaming KV heads get a `HeadwiseLayer`; layers whose KV heads are all full stay `DynamicLayer`, and
+the model's own sliding-window layers keep `DynamicSlidingWindowLayer`, as `DynamicCache` would build them. The
+model attends through `sa_headwise_sdpa`, with the policy's plan on every attention module.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import PreTrainedModel
+from transformers.cache_utils import (DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, DynamicLayer,
+                                      get_layer_types_and_kwargs)
+
+from ..attention.headwise import NAME, PLAN_ATTRIBUTE
+from ..masking import attention_modules, check_attention_interface
+from ..modeling import cache_kwargs
+from .layer import HeadwiseLayer
+from .policy import HeadwisePolicy, model_shape
+from .selection import headwise_policy
+
+logger = logging.getLogger(__name__)
+
+
+class HeadwiseHandle:
+    """Attaches a policy's plans to a model's attention modules and switches it to `sa_headwise_sdpa`;
+    `remove()` restores the previous plans and attention implementation."""
+
+    def __init__(self, model: PreTrainedModel, policy: HeadwisePolicy) -> None:
+        check_attention_interface(model)
+        policy.check_model(model)
+        num_layers, num_heads, num_kv_heads = model_shape(model)
+        modules = attention_modules(model)
+        missing = sorted(set(range(num_layers)) - set(modules))
+        if missing:
+            raise ValueError(f"no attention module found for layer(s) {missing}")
+        self.model, self.policy = model, policy
+        self._previous = [(m, getattr(m, PLAN_ATTRIBUTE, None)) for ms in modules.values() for m in ms]
+        self._implementation = model.config._attn_implementation
+        for layer, layer_modules in modules.items():
+            for module in layer_modules:
+                setattr(module, PLAN_ATTRIBUTE, policy.plan(layer, num_heads // num_kv_heads))
+        if self._implementation != NAME:
+            model.set_attn_implementation(NAME)
+            logger.info("attention %s -> %s (%s)", self._implementation, NAME, policy.describe())
+        self._removed = False
+
+    def remove(self) -> None:
+        if self._removed:
+            return
+        for module, plan in self._previous:
+            setattr(module, PLAN_ATTRIBUTE, plan)
+        if self.model.config._attn_implementation != self._implementation:
+            self.model.set_attn_implementation(self._implementation)
+        self._removed = True
+
+    def __enter__(self) -> HeadwiseHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+class HeadwiseCache(Cache):
+    """A transformers `Cache` whose streaming KV heads keep only `sink` + `window` positions."""
+
+    def __init__(self, policy: HeadwisePolicy, config, handle: HeadwiseHandle | None = None) -> None:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        types, layer_kwargs = get_layer_types_and_kwargs(text)
+        groups = text.num_attention_heads // (getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+        if len(types) != policy.num_layers:
+            raise ValueError(f"head-wise policy has {policy.num_layers} layers, the config {len(types)}")
+        layers = []
+        for layer, (kind, kwargs) in enumerate(zip(types, layer_kwargs)):
+            if policy.streaming_heads(layer):
+                if kind != "full_attention":
+                    raise ValueError(f"layer {layer} is a {kind} layer: its KV heads cannot stream")
+                layers.append(HeadwiseLayer(policy.plan(layer, groups)))
+            else:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
+        super().__init__(layers=layers)
+        self.policy = policy
+        self.handle = handle
+        self._config = config
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Another attention function would read the full heads' keys as if they were every KV head.
+        if isinstance(self.layers[layer_idx], HeadwiseLayer) and self._config._attn_implementation != NAME:
+            raise RuntimeError(f"the head-wise cache needs the attention implementation {NAME!r}, the model uses "
+                               f"{self._config._attn_implementation!r}; build the cache with headwise_cache(model, ...)")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    @classmethod
+    def from_dynamic(cls, dynamic: DynamicCache, policy: HeadwisePolicy, config) -> HeadwiseCache:
+        """A head-wise cache holding what `dynamic` holds, trimmed. Exact only when `dynamic` was filled with the
+        same policy's plans attached (e.g. a shared prefix computed under `HeadwiseHandle`) and without padding."""
+        cache = cls(policy, config)
+        for index, (source, target) in enumerate(zip(dynamic.layers, cache.layers)):
+            if type(source) is not DynamicLayer or not source.is_initialized:
+                raise ValueError(f"layer {index} of the source cache is not a filled DynamicLayer")
+            if isinstance(target, HeadwiseLayer):
+                target.load(source.keys, source.values)
+            else:
+                target.update(source.keys, source.values)
+        return cache
+
+    def kv_bytes(self) -> int:
+        return cache_bytes(self)
+
+    def __enter__(self) -> HeadwiseCache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def cache_bytes(cache: Cache) -> int:
+    """Bytes of every key/value tensor a cache holds, measured from the tensors themselves."""
+    total = 0
+    for layer in cache.layers:
+        for name in ("keys", "values", "stream_keys", "stream_values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def headwise_cache(model: PreTrainedModel, scores=None, *, full: int | float | None = 0.25,
+                   threshold: float | None = None, sink: int = 64, window: int = 256, method: str = "top",
+                   seed: int = 0, policy: HeadwisePolicy | None = None) -> HeadwiseCache:
+    """An empty head-wise cache for `model`, with the model switched to `sa_headwise_sdpa` under its policy.
+
+    `scores`: head-score JSON path, DuoAttention .tsv path, {"L-H": [...]} dict or [layer][kv_head] matrix.
+    `full`: count (int) or fraction (float in (0, 1]) of KV heads kept full; or `threshold` on the KV-head score.
+    `method`: "top" (highest scores, ties by `seed`) or "random" (seeded draw). `policy` overrides all of these.
+    Each generation needs a fresh cache: call again (with `policy=cache.policy` to skip the selection).
+    """
+    check_attention_interface(model)
+    if policy is None:
+        policy = headwise_policy(model, scores, full=full, threshold=threshold, sink=sink, window=window,
+                                 method=method, seed=seed)
+    handle = HeadwiseHandle(model, policy)
+    return HeadwiseCache(policy, model.config, handle)
+
+
+def prefill(model: PreTrainedModel, cache: Cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            chunk: int | None = None):
+    """Run the prompt (batch, seq_len) into `cache`, `chunk` tokens per forward (None: one forward), so streaming
+    heads never hold more than sink + window + chunk positions. Returns the last forward's output (last logits)."""
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"prefill chunk must be a positive number of tokens, got {chunk}")
+    past = cache.get_seq_length()
+    if attention_mask is None:
+        attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long,
+                                    device=input_ids.device)
+    # Positions count real tokens only (left padding), as `generate` computes them.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    step = chunk or input_ids.shape[1]
+    output = None
+    with torch.inference_mode():
+        for begin in range(0, input_ids.shape[1], step):
+            end = min(begin + step, input_ids.shape[1])
+            output = model(input_ids=input_ids[:, begin:end], attention_mask=attention_mask[:, : past + end],
+                           position_ids=position_ids[:, past + begin: past + end], **cache_kwargs(cache),
+                           use_cache=True, logits_to_keep=1)
+    return output
