@@ -112,9 +112,9 @@ def test_uneven_merge_and_large_search_space():
 
 
 def test_local_search_path(monkeypatch):
-    from selective_attention.models import convert as convert_module
+    from selective_attention.models.conversion import grouping
 
-    monkeypatch.setattr(convert_module, "MAX_ENUMERATED_GROUPINGS", 0)
+    monkeypatch.setattr(grouping, "MAX_ENUMERATED_GROUPINGS", 0)
     source = tiny_source(kv_heads=8, heads=8, layers=1, seed=7)
     _, report = convert_model(source, "0:4", "similarity", calibration_ids=CALIBRATION)
     assert report.layers[0].error <= report.layers[0].mean_error + 1e-9
