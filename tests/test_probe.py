@@ -48,7 +48,7 @@ def test_probe_output_equals_sdpa():
         expected = model(ids).logits
         with probing(model, rows=2) as recorder:
             got = model(ids).logits
-            record = recorder.collect()
+            record = recorder.collect(last_position=29)
     assert model.config._attn_implementation == "sdpa"  # restored
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
     assert record.shape == (3, 1, 4, 2)
@@ -109,4 +109,4 @@ def test_probe_honours_head_masks(mode):
 
 def test_collect_without_probe_is_an_error():
     with pytest.raises(RuntimeError, match="sa_probe"):
-        ProbeRecorder().collect()
+        ProbeRecorder().collect(0)

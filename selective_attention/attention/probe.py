@@ -31,18 +31,33 @@ class ProbeRecorder:
     def __init__(self, rows: int = 1) -> None:
         self.rows = rows
         self.active = True
-        self._layers: dict[int, torch.Tensor] = {}
+        self._layers: dict[int, tuple[torch.Tensor, int]] = {}
 
-    def record(self, layer: int, argmax: torch.Tensor) -> None:
-        self._layers[layer] = argmax
+    def record(self, layer: int, argmax: torch.Tensor, key_length: int) -> None:
+        """`argmax` (B, Hq, rows) indexes this layer's key tensor, which holds `key_length` positions."""
+        self._layers[layer] = (argmax, key_length)
 
-    def collect(self) -> torch.Tensor:
-        """(num_layers, B, Hq, rows) argmax key indices of the last forward call; clears the buffer."""
+    def collect(self, last_position: int) -> torch.Tensor:
+        """(num_layers, B, Hq, rows) absolute key positions of the last forward call; clears the buffer.
+
+        `last_position` is the sequence index of the call's last query row. Every layer's key tensor ends at that row,
+        but a sliding-window layer's starts later (its cache keeps only the last `window` positions), so each
+        index is shifted by `last_position + 1 - key_length` to become a position in the sequence.
+        """
         if not self._layers:
             raise RuntimeError("the probe recorded nothing: is the model running with attn_implementation='sa_probe'?")
-        stacked = torch.stack([self._layers[layer] for layer in sorted(self._layers)])
+        stacked = torch.stack([argmax + key_offset(last_position, key_length)
+                               for argmax, key_length in (self._layers[layer] for layer in sorted(self._layers))])
         self._layers = {}
         return stacked
+
+
+def key_offset(last_position: int, key_length: int) -> int:
+    """Absolute position of index 0 of a key tensor of `key_length` positions ending at `last_position`."""
+    offset = last_position + 1 - key_length
+    if offset < 0:
+        raise ValueError(f"a key tensor of {key_length} positions cannot end at position {last_position}")
+    return offset
 
 
 def _row_argmax(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask, scaling: float | None,
@@ -78,7 +93,7 @@ def probe_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
     recorder: ProbeRecorder | None = getattr(module, PROBE_ATTRIBUTE, None)
     if recorder is not None and recorder.active:
         recorder.record(module.layer_idx, _row_argmax(module, query, key, attention_mask, scaling,
-                                                      kwargs.get("softcap"), recorder.rows))
+                                                      kwargs.get("softcap"), recorder.rows), key.shape[2])
     output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                        **kwargs)
     return output, None

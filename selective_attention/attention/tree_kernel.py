@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from ..modeling import sliding_window_layers
 from ..registry import register_attention
 from ..tree.levels import KeyTree, prefix_roots
 from .feature_maps import feature_map, random_features
@@ -322,13 +323,19 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     scaling = dim ** -0.5 if scaling is None else float(scaling)
     dtype = query.dtype
     query, key, value = query.float(), key.float().contiguous(), value.float().contiguous()
-    rows = _row_mask(attention_mask, batch, q_len, kv_len, query.device)
-    key_valid = rows.any(1) if attention_mask is not None else None  # (B, kv) non-padding keys
+    rows = _row_mask(attention_mask, batch, q_len, kv_len, query.device)  # per-row visibility, window included
+    key_valid = rows.any(1) if attention_mask is not None else None  # (B, kv) non-padding keys (builds the tree)
     positions = torch.arange(q_len, device=query.device) + (kv_len - q_len)
+    windowed = False
     if key_valid is None:
         visible = (positions + 1).expand(batch, q_len)
     else:
-        visible = key_valid.long().cumsum(1).gather(1, positions.expand(batch, q_len))
+        visible = rows.sum(-1)  # (B, Q): a sliding-window row sees fewer keys than its causal prefix
+        windowed = bool((visible < key_valid.long().cumsum(1).gather(1, positions.expand(batch, q_len))).any())
+    if windowed and (config.method in SEED_METHODS or (config.method == "bound" and config.descent == "tree")):
+        raise ValueError(f"tree-kernel method {config.method!r} (descent {config.descent!r}) walks causal prefixes "
+                         "and cannot honour a sliding window: use dense, topk or bound with descent='flat', or "
+                         "restrict `layers` to full-attention layers")
     n_rep = q_heads // kv_heads
     if config.method == "dense":
         output = torch.nn.functional.scaled_dot_product_attention(
@@ -350,7 +357,7 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         if config.method == "topk":
             out = _topk_rows(config, key, value, *part, scaling)
         elif config.method == "bound" and config.descent == "flat":
-            out = _flat_bound_rows(config, tree, key, value, key_valid, *part, scaling)
+            out = _flat_bound_rows(config, tree, key, value, *part, scaling, windowed)
         elif config.method == "bound":
             out = _bound_rows(config, tree, key, value, key_valid, *part, scaling)
         else:
@@ -398,16 +405,21 @@ def _local_block(key, value, rows, positions, blocks, block, scaled, softmax) ->
     return float(local_ok.sum())
 
 
-def _flat_bound_rows(config, tree: KeyTree, key, value, key_valid, query, positions, rows, budgets, visible,
-                     scaling):
+def _flat_bound_rows(config, tree: KeyTree, key, value, query, positions, rows, budgets, visible, scaling,
+                     windowed: bool):
     """Every complete leaf block's min/max bound in one matmul per KV head -> top-W blocks (sink and local
-    blocks forced) -> exact softmax over their keys + the row's partial block (+ each other block's mean term)."""
+    blocks forced) -> exact softmax over their keys + the row's partial block (+ each other block's mean term).
+
+    Visibility is per row (`rows`, (B, Q, kv)): under a sliding window a block may lie wholly or partly outside a
+    row's window. Blocks the row cannot see are never chosen; a block it sees only in part is always computed
+    exactly (its mean term would count keys outside the window); every exact key is masked by the row's own
+    visibility.
+    """
     batch, kv_heads, n_rep, q_len, dim = query.shape
     block, device, sharing = tree.block, query.device, config.sharing
-    blocks = ((positions + 1) // block).clamp(max=tree.num_blocks)  # complete visible blocks per row (Q,)
+    blocks = ((positions + 1) // block).clamp(max=tree.num_blocks)  # complete causal blocks per row (Q,)
     partial = positions + 1 - blocks * block
-    wanted = torch.round((budgets - partial[None]).clamp(min=0).double() / block).long()
-    wanted = torch.minimum(wanted.clamp(min=1), blocks[None].expand_as(wanted))  # (B, Q)
+    wanted = torch.round((budgets - partial[None]).clamp(min=0).double() / block).long().clamp(min=1)  # (B, Q)
     scaled = query * scaling
     softmax = _Softmax()
     heads = (kv_heads if sharing != "all" else 1) * (n_rep if sharing == "per_head" else 1)
@@ -416,30 +428,39 @@ def _flat_bound_rows(config, tree: KeyTree, key, value, key_valid, query, positi
         level = tree.level(0)
         count = level["count"]  # (B, N)
         nodes = torch.arange(count.shape[1], device=device)
+        used = tree.num_blocks * block
         valid = (nodes < blocks[:, None])[None] & (count[:, None] > 0)  # (B, Q, N)
+        forced = (nodes < config.sink_blocks)[None] | (nodes[None] >= blocks[:, None] - config.local_blocks)
+        forced = forced[None] & valid
+        if windowed:
+            seen = rows[:, :, :used].reshape(batch, q_len, tree.num_blocks, block).sum(-1)  # row's keys per block
+            valid = valid & (seen > 0)
+            part_seen = valid & (seen < count[:, None])
+            forced = (forced & valid) | part_seen
+        # every forced block fits the width; a budget that covers the row's keys takes every block (exact)
+        available = valid.sum(-1)
+        wanted = torch.maximum(torch.minimum(wanted, available), forced.sum(-1))
+        wanted = torch.where(budgets >= visible, available, wanted)
         bound = _scores(torch.cat([query.clamp(min=0), -query.clamp(max=0)], -1), level["kbox"])
         bound = _reduce_heads(bound, sharing, "max")
-        forced = (nodes < config.sink_blocks)[None] | (nodes[None] >= blocks[:, None] - config.local_blocks)
-        bound = torch.where(forced[None, None, None], torch.finfo(bound.dtype).max, bound)
+        bound = torch.where(forced[:, None, None], torch.finfo(bound.dtype).max, bound)
         bound = bound.masked_fill(~valid[:, None, None], float("-inf"))
         width = int(wanted.max())
         top, kept = bound.topk(min(width, bound.shape[-1]), dim=-1)
         kept_ok = (torch.arange(top.shape[-1], device=device) < wanted[:, None, None, :, None]) & torch.isfinite(top)
-        used = tree.num_blocks * block
         selected = torch.zeros_like(bound, dtype=torch.bool).scatter_(-1, kept, kept_ok)
         if q_len > GATHER_ROWS:
             # prefill: every row's selected blocks as a mask over one score matrix (the same terms as the
             # gather below, cheaper when many rows share the keys)
-            mask = selected.repeat_interleave(block, -1)
-            if key_valid is not None:
-                mask = mask & key_valid[:, None, None, None, :used]
+            mask = selected.repeat_interleave(block, -1) & rows[:, None, None, :, :used]
             softmax.add(_scores(scaled, key[:, :, :used]).masked_fill(~mask, float("-inf")), value[:, :, :used])
             exact += float(mask.sum()) / heads
         else:
-            exact += _gather_blocks(key, value, key_valid, kept, kept_ok, block, tree.num_blocks, scaled, softmax,
-                                    heads)
+            exact += _gather_blocks(key, value, rows, kept, kept_ok, block, tree.num_blocks, scaled, softmax, heads)
         if config.estimate == "mean":
             rest = valid[:, None, None] & ~selected
+            if windowed:
+                rest = rest & ~part_seen[:, None, None]
             counts = count.clamp(min=1)[:, None, None, None]  # (B, 1, 1, 1, N)
             logits = _scores(scaled, level["ksum"]) / counts  # q . mean key
             softmax.add(logits.masked_fill(~rest, float("-inf")), level["vsum"], counts)
@@ -449,17 +470,17 @@ def _flat_bound_rows(config, tree: KeyTree, key, value, key_valid, query, positi
     return softmax.result()
 
 
-def _gather_blocks(key, value, key_valid, kept, kept_ok, block, num_blocks, scaled, softmax, heads) -> float:
-    """Decode: gather the kept blocks (one contiguous block * D row per index, not single keys)."""
+def _gather_blocks(key, value, rows, kept, kept_ok, block, num_blocks, scaled, softmax, heads) -> float:
+    """Decode: gather the kept blocks (one contiguous block * D row per index, not single keys); `rows` (B, Q, kv)
+    masks each row's keys (padding, window)."""
     batch, kv_heads, dim = key.shape[0], key.shape[1], key.shape[-1]
     device = key.device
     used = num_blocks * block
     block_keys = _gather(key[:, :, :used].reshape(batch, kv_heads, num_blocks, block * dim), kept)
     block_values = _gather(value[:, :, :used].reshape(batch, kv_heads, num_blocks, -1), kept)
-    valid_keys = kept_ok[..., None].expand(*kept_ok.shape, block).flatten(-2)
-    if key_valid is not None:
-        key_positions = (kept[..., None] * block + torch.arange(block, device=device)).flatten(-2)
-        valid_keys = valid_keys & key_valid.gather(1, key_positions.flatten(1)).view(key_positions.shape)
+    key_positions = (kept[..., None] * block + torch.arange(block, device=device)).flatten(-2)  # (B, Hs, S, Q, W*b)
+    row_visible = rows[:, None, None].expand(*key_positions.shape[:4], rows.shape[-1]).gather(-1, key_positions)
+    valid_keys = kept_ok[..., None].expand(*kept_ok.shape, block).flatten(-2) & row_visible
     block_keys = block_keys.view(batch, kv_heads, *kept.shape[2:], block, dim).flatten(-3, -2)
     block_values = block_values.view(batch, kv_heads, *kept.shape[2:], block, -1).flatten(-3, -2)
     softmax.add(_dot(scaled, block_keys).masked_fill(~valid_keys, float("-inf")), block_values)
@@ -698,6 +719,11 @@ def configure_tree_kernel(model: nn.Module, config: TreeKernelConfig | None) -> 
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         if config.method in FEATURE_METHODS and config.num_features is not None and config.num_features < 1:
             raise ValueError("num_features must be >= 1")
+        sliding = sorted(sliding_window_layers(model.config) & set(config.layers or modules))
+        if sliding and (config.method in SEED_METHODS or config.descent == "tree"):
+            raise ValueError(f"tree-kernel method {config.method!r} (descent {config.descent!r}) walks causal "
+                             f"prefixes and cannot honour the sliding window of layers {sliding}: use dense, topk or "
+                             "bound with descent='flat', or choose full-attention layers with `layers`")
         logger.info("tree kernel %s on %s layers (head dim %d)", config.method,
                     "all" if config.layers is None else len(config.layers), head_dim)
     for layer_modules in modules.values():

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from ..attention.probe import key_offset
 from ..modeling import cache_kwargs
 
 #: End-of-turn tokens of common chat templates, used when present in the vocabulary.
@@ -48,24 +49,36 @@ class Decoded:
 
 
 def prefix_cache(model, input_ids: list[int]) -> DynamicCache | None:
-    """KV cache of a shared prefix, or None where the model's cache cannot be cropped safely (sliding windows)."""
-    cache = DynamicCache(config=model.config)
+    """KV cache of a shared prefix holding every position of every layer, or None when there is nothing to share.
+
+    Built without the model's config, so sliding-window layers are plain `DynamicLayer`s too and keep their whole
+    past (their window is applied by the attention mask, not the cache): `cropped` can then rebuild, for any
+    shorter length, the window such a layer would hold.
+    """
     if not input_ids:
         return None
+    cache = DynamicCache()
     with torch.inference_mode():
         model(input_ids=torch.tensor([input_ids], device=model.device), **cache_kwargs(cache), use_cache=True,
               logits_to_keep=1)
     layers = getattr(cache, "layers", [])
-    if not layers or any(type(layer).__name__ != "DynamicLayer" or layer.keys is None
-                         or layer.keys.shape[-2] != len(input_ids) for layer in layers):
+    if not layers or any(layer.keys is None or layer.keys.shape[-2] != len(input_ids) for layer in layers):
         return None
     return cache
 
 
 def cropped(cache: DynamicCache, length: int, config) -> DynamicCache:
-    """A new cache holding the first `length` positions of `cache` (views; the source stays intact)."""
-    data = [(layer.keys[..., :length, :], layer.values[..., :length, :]) for layer in cache.layers]
-    return DynamicCache(ddp_cache_data=data, config=config)
+    """A cache in the model's own layout holding the first `length` positions of `cache` (the source stays intact).
+
+    Each layer of a fresh `DynamicCache(config=config)` is fed the prefix through its own `update`, so a
+    sliding-window layer ends up with exactly the window (and position count) it would have after a prefill.
+    """
+    fresh = DynamicCache(config=config)
+    if len(fresh.layers) != len(cache.layers):
+        raise ValueError(f"the shared cache has {len(cache.layers)} layers, the model {len(fresh.layers)}")
+    for layer, source in zip(fresh.layers, cache.layers):
+        layer.update(source.keys[..., :length, :], source.values[..., :length, :])
+    return fresh
 
 
 def greedy_decode(model, input_ids: list[int], *, stop_ids: set[int], max_new_tokens: int,
@@ -81,13 +94,15 @@ def greedy_decode(model, input_ids: list[int], *, stop_ids: set[int], max_new_to
     if cache is None:
         cache, cached_length = DynamicCache(config=model.config), 0
     feed = torch.tensor([input_ids[cached_length:]], device=device)
+    last_position = cached_length - 1  # sequence index of the last row fed so far
     tokens: list[int] = []
     steps: list[torch.Tensor] = []
     with torch.inference_mode():
         while True:
             out = model(input_ids=feed, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
+            last_position += feed.shape[1]
             if recorder is not None:
-                steps.append(recorder.collect()[:, 0, :, -1])
+                steps.append(recorder.collect(last_position)[:, 0, :, -1])
             token = int(out.logits[0, -1].argmax())
             tokens.append(token)
             if token in stop_ids or len(tokens) >= max_new_tokens:
@@ -114,7 +129,10 @@ def reference_decode(model, input_ids: list[int], *, stop_ids: set[int], max_new
             feed = torch.tensor([[input_ids[-1]]], device=model.device)
             while True:
                 out = model(input_ids=feed, **cache_kwargs(cache), use_cache=True, output_attentions=True)
-                steps.append(torch.stack([weights[0, :, -1].argmax(dim=-1) for weights in out.attentions]))
+                # a sliding-window layer's weights cover only its window: shift them to sequence positions
+                position = len(input_ids) - 1 + len(tokens)
+                steps.append(torch.stack([weights[0, :, -1].argmax(dim=-1) + key_offset(position, weights.shape[-1])
+                                          for weights in out.attentions]))
                 token = int(out.logits[0, -1].argmax())
                 tokens.append(token)
                 if token in stop_ids or len(tokens) >= max_new_tokens:
