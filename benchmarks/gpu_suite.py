@@ -1,6 +1,6 @@
 """One prepared GPU run: every accelerated path of selective-attention checked and timed, in one command.
 
-    python benchmarks/gpu_suite.py --output gpu_results                 # one GPU, about 5-8 minutes on an H100
+    python benchmarks/gpu_suite.py --output gpu_results                 # one GPU; sized for < 8 min on an H100
     python benchmarks/gpu_suite.py --output gpu_results --model DIR      # also the real model in DIR (e.g. SmolLM2)
     python benchmarks/gpu_suite.py --tiny --output /tmp/gpu_suite       # every section at toy sizes, CPU, seconds
 
