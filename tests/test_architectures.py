@@ -94,12 +94,7 @@ FAMILIES: dict[str, Family] = {
 
 
 #: (check, family) -> why it fails today. Strict: a fix turns the xfail into a failure, so the entry must go.
-SOFTCAP = ("the probe and the tree kernel compute through SDPA, which transformers refuses with softcapping, and "
-           "topk/bound do not apply the soft cap")
-KNOWN_GAPS: dict[tuple[str, str], str] = {
-    ("probe", "gemma2"): SOFTCAP,
-    ("tree", "gemma2"): SOFTCAP,
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def families(check: str) -> list:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
 def repeat_kv(hidden: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -43,3 +44,17 @@ def eager_attention_forward(
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, weights
+
+
+def exact_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, None]:
+    """Exact attention for functions registered with the SDPA mask: SDPA, or eager under logit soft-capping
+    (Gemma 2), which SDPA cannot do. An SDPA mask of None means "causal, skipped": eager gets it explicitly."""
+    if kwargs.get("softcap") is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is None:
+        q_len, kv_len = query.shape[2], key.shape[2]
+        rows = torch.arange(kv_len - q_len, kv_len, device=query.device)
+        attention_mask = (torch.arange(kv_len, device=query.device)[None, :] <= rows[:, None])[None, None]
+    output, _ = eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return output, None

@@ -16,9 +16,9 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..registry import register_attention
+from .eager import exact_attention_forward
 from .masked import masked
 
 PROBE_NAME = "sa_probe"
@@ -89,13 +89,13 @@ def _row_argmax(module: nn.Module, query: torch.Tensor, key: torch.Tensor, atten
 
 def probe_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
-    """SDPA output; when a `ProbeRecorder` is attached to the module, also the argmax keys of the last rows."""
+    """SDPA output (eager under logit soft-capping, which SDPA lacks); when a `ProbeRecorder` is attached to the module, also the argmax keys of the last rows."""
     recorder: ProbeRecorder | None = getattr(module, PROBE_ATTRIBUTE, None)
     if recorder is not None and recorder.active:
         recorder.record(module.layer_idx, _row_argmax(module, query, key, attention_mask, scaling,
                                                       kwargs.get("softcap"), recorder.rows), key.shape[2])
-    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                       **kwargs)
+    output, _ = exact_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                        **kwargs)
     return output, None
 
 

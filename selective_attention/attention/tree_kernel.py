@@ -32,11 +32,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..modeling import sliding_window_layers
 from ..registry import register_attention
 from ..tree.levels import KeyTree, prefix_roots
+from .eager import exact_attention_forward
 from .feature_maps import feature_map, random_features
 from .masked import masked
 
@@ -224,14 +224,20 @@ def _weighted(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 class _Softmax:
-    """Accumulates sum exp(logit) value over several groups of terms with one running maximum."""
+    """Accumulates sum exp(logit) value over several groups of terms with one running maximum.
 
-    def __init__(self) -> None:
+    With `softcap` (Gemma 2) every finite logit s becomes softcap * tanh(s / softcap), as the model's eager
+    attention does; a monotonic map, so selections ranked on raw scores or bounds stay valid."""
+
+    def __init__(self, softcap: float | None = None) -> None:
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.softcap = softcap
 
     def add(self, logits: torch.Tensor, values: torch.Tensor, counts: torch.Tensor | None = None) -> None:
         """Terms exp(logit) value; with `counts` (broadcast to logits) the terms are n exp(logit) (values / n)
         and `values` are the n-key sums, which saves dividing every node's sums by its count."""
+        if self.softcap is not None:
+            logits = torch.where(torch.isfinite(logits), torch.tanh(logits / self.softcap) * self.softcap, logits)
         self.parts.append((logits, values, counts))
 
     def result(self) -> torch.Tensor:
@@ -296,19 +302,21 @@ def tree_kernel_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
                           **kwargs) -> tuple[torch.Tensor, None]:
     """AttentionInterface function; exact SDPA for layers the module's `TreeKernelConfig` does not select."""
     config: TreeKernelConfig | None = getattr(module, CONFIG_ATTRIBUTE, None)
+    softcap = kwargs.get("softcap")
     if config is None or config.method == "dense" or not config.applies_to(getattr(module, "layer_idx", None)):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
-    return tree_attention(query, key, value, attention_mask, config, scaling=scaling, module=module)
+        return exact_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                       **kwargs)
+    return tree_attention(query, key, value, attention_mask, config, scaling=scaling, module=module, softcap=softcap)
 
 
 def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
-                   config: TreeKernelConfig, scaling: float | None = None,
-                   module: nn.Module | None = None) -> tuple[torch.Tensor, None]:
+                   config: TreeKernelConfig, scaling: float | None = None, module: nn.Module | None = None,
+                   softcap: float | None = None) -> tuple[torch.Tensor, None]:
     """Approximate causal attention; query (B, Hq, Q, D), key/value (B, Hkv, kv, D) -> ((B, Q, Hq, Dv), None).
 
     `attention_mask`: None (causal) or a 4D bool/additive mask (B or 1, 1, Q, kv). Without `module` the key tree
-    is built from scratch (the module carries the incremental tree between decode steps).
+    is built from scratch (the module carries the incremental tree between decode steps). `softcap`: attention
+    logit soft-capping (Gemma 2), supported by dense, topk and flat bound.
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
@@ -332,15 +340,23 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     else:
         visible = rows.sum(-1)  # (B, Q): a sliding-window row sees fewer keys than its causal prefix
         windowed = bool((visible < key_valid.long().cumsum(1).gather(1, positions.expand(batch, q_len))).any())
-    if windowed and (config.method in SEED_METHODS or (config.method == "bound" and config.descent == "tree")):
+    prefix_walk = config.method in SEED_METHODS or (config.method == "bound" and config.descent == "tree")
+    if softcap is not None and prefix_walk:
+        raise ValueError(f"tree-kernel method {config.method!r} (descent {config.descent!r}) does not support "
+                         "attention logit soft-capping: use dense, topk or bound with descent='flat'")
+    if windowed and prefix_walk:
         raise ValueError(f"tree-kernel method {config.method!r} (descent {config.descent!r}) walks causal prefixes "
                          "and cannot honour a sliding window: use dense, topk or bound with descent='flat', or "
                          "restrict `layers` to full-attention layers")
     n_rep = q_heads // kv_heads
     if config.method == "dense":
-        output = torch.nn.functional.scaled_dot_product_attention(
-            query, key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1), attn_mask=rows[:, None],
-            scale=scaling)
+        keys, values = key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)
+        if softcap is None:
+            output = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=rows[:, None],
+                                                                      scale=scaling)
+        else:  # (B, Hq, Q, kv) capped scores, as the model's eager attention computes them
+            scores = torch.tanh(torch.matmul(query, keys.transpose(-1, -2)) * scaling / softcap) * softcap
+            output = torch.matmul(torch.softmax(scores.masked_fill(~rows[:, None], float("-inf")), -1), values)
         config.stats.add(q_len * batch, float(visible.sum()), float(visible.sum()), float(visible.sum()))
         return output.transpose(1, 2).contiguous().to(dtype), None
     budgets = config.budgets(visible)
@@ -355,9 +371,9 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         part = (grouped[:, :, :, start:stop], positions[start:stop], rows[:, start:stop], budgets[:, start:stop],
                 visible[:, start:stop])
         if config.method == "topk":
-            out = _topk_rows(config, key, value, *part, scaling)
+            out = _topk_rows(config, key, value, *part, scaling, softcap)
         elif config.method == "bound" and config.descent == "flat":
-            out = _flat_bound_rows(config, tree, key, value, *part, scaling, windowed)
+            out = _flat_bound_rows(config, tree, key, value, *part, scaling, windowed, softcap)
         elif config.method == "bound":
             out = _bound_rows(config, tree, key, value, key_valid, *part, scaling)
         else:
@@ -368,9 +384,11 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 
 # -------------------------------------------------------------------------------------------------------- topk
-def _topk_rows(config, key, value, query, positions, rows, budgets, visible, scaling):
+def _topk_rows(config, key, value, query, positions, rows, budgets, visible, scaling, softcap=None):
     batch, kv_heads, n_rep, q_len, dim = query.shape
     scores = torch.einsum("bhrqd,bhkd->bhrqk", query, key) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~rows[:, None, None], float("-inf"))
     k = max(1, int(budgets.max()))
     top, order = scores.topk(min(k, scores.shape[-1]), dim=-1)
@@ -406,7 +424,7 @@ def _local_block(key, value, rows, positions, blocks, block, scaled, softmax) ->
 
 
 def _flat_bound_rows(config, tree: KeyTree, key, value, query, positions, rows, budgets, visible, scaling,
-                     windowed: bool):
+                     windowed: bool, softcap: float | None = None):
     """Every complete leaf block's min/max bound in one matmul per KV head -> top-W blocks (sink and local
     blocks forced) -> exact softmax over their keys + the row's partial block (+ each other block's mean term).
 
@@ -421,7 +439,7 @@ def _flat_bound_rows(config, tree: KeyTree, key, value, query, positions, rows, 
     partial = positions + 1 - blocks * block
     wanted = torch.round((budgets - partial[None]).clamp(min=0).double() / block).long().clamp(min=1)  # (B, Q)
     scaled = query * scaling
-    softmax = _Softmax()
+    softmax = _Softmax(softcap)
     heads = (kv_heads if sharing != "all" else 1) * (n_rep if sharing == "per_head" else 1)
     exact, rest_terms = 0.0, 0.0
     if tree.num_blocks > 0 and int(blocks.max()) > 0:
@@ -719,8 +737,12 @@ def configure_tree_kernel(model: nn.Module, config: TreeKernelConfig | None) -> 
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         if config.method in FEATURE_METHODS and config.num_features is not None and config.num_features < 1:
             raise ValueError("num_features must be >= 1")
+        prefix_walk = config.method in SEED_METHODS or (config.method == "bound" and config.descent == "tree")
+        if prefix_walk and getattr(text, "attn_logit_softcapping", None):
+            raise ValueError(f"tree-kernel method {config.method!r} (descent {config.descent!r}) does not support "
+                             "attention logit soft-capping: use dense, topk or bound with descent='flat'")
         sliding = sorted(sliding_window_layers(model.config) & set(config.layers or modules))
-        if sliding and (config.method in SEED_METHODS or config.descent == "tree"):
+        if sliding and prefix_walk:
             raise ValueError(f"tree-kernel method {config.method!r} (descent {config.descent!r}) walks causal "
                              f"prefixes and cannot honour the sliding window of layers {sliding}: use dense, topk or "
                              "bound with descent='flat', or choose full-attention layers with `layers`")
