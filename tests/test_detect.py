@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -172,6 +173,13 @@ def test_duo_pattern(tmp_path):
     assert pattern == [[0, 1], [1, 0]]  # 0-3 -> KV head 1, 1-1 -> KV head 0
     path = write_duo_pattern(tmp_path / "pattern.tsv", pattern)
     assert path.read_text() == "0\t1\n1\t0\n"
+    # a directory in duo-attention's layout: its loader reads the TSV with numpy and sink/recent from config.json
+    directory = tmp_path / "attn_patterns" / "tiny"
+    assert write_duo_pattern(directory, pattern, sink_size=32, recent_size=128) == directory / "full_attention_heads.tsv"
+    heads = np.loadtxt(directory / "full_attention_heads.tsv", dtype=float, delimiter="\t")
+    assert heads.tolist() == [[0.0, 1.0], [1.0, 0.0]]
+    config = json.loads((directory / "config.json").read_text())
+    assert (config["sink_size"], config["recent_size"]) == (32, 128)
     with pytest.raises(ValueError, match="grouped"):
         duo_pattern(scores, 2, 4, 3, 1)
     with pytest.raises(ValueError, match="top"):

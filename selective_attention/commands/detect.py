@@ -62,8 +62,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--save-inputs", action="store_true", help="store each trial's prompt token ids in the sidecar")
     parser.add_argument("--top", type=int, default=10, help="print this many top heads at the end")
     parser.add_argument("--export-duo", type=Path, default=None,
-                        help="also write a DuoAttention-style layer x KV-head TSV of the top heads (--duo-top)")
+                        help="also write the top heads (--duo-top) as a DuoAttention pattern directory "
+                             "(full_attention_heads.tsv + config.json), or as one TSV for a path ending in .tsv")
     parser.add_argument("--duo-top", type=int, default=20, help="number of retrieval heads for --export-duo")
+    parser.add_argument("--duo-sink", type=int, default=64, help="sink_size written to the DuoAttention config.json")
+    parser.add_argument("--duo-recent", type=int, default=256,
+                        help="recent_size written to the DuoAttention config.json")
     parser.set_defaults(func=run)
 
 
@@ -109,5 +113,5 @@ def run(args: argparse.Namespace) -> int:
         meta = result.meta
         pattern = duo_pattern(result.scores, meta["num_layers"], meta["num_heads"], meta["num_key_value_heads"],
                               args.duo_top)
-        print(f"DuoAttention pattern of the top {args.duo_top} heads: {write_duo_pattern(args.export_duo, pattern)}")
+        print(f"DuoAttention pattern of the top {args.duo_top} heads: {write_duo_pattern(args.export_duo, pattern, args.duo_sink, args.duo_recent)}")
     return 0

@@ -1,9 +1,14 @@
-"""Export retrieval heads as a DuoAttention-style pattern: one row per layer, one tab-separated column per KV head,
-1 where the KV head serves at least one of the top-k retrieval (query) heads (full attention), 0 elsewhere
-(streaming heads). KV head of query head h: h // (num_heads / num_kv_heads), as `repeat_kv` expands them."""
+"""Export retrieval heads as a DuoAttention pattern directory, the layout duo-attention's `load_attn_pattern` reads:
+
+- `full_attention_heads.tsv`: one row per layer, one tab-separated column per KV head, 1 where the KV head serves at
+  least one of the top-k retrieval (query) heads (full attention), 0 elsewhere (streaming heads). KV head of query
+  head h: h // (num_heads / num_kv_heads), as `repeat_kv` expands them;
+- `config.json`: `{"sink_size": S, "recent_size": W}`, the streaming heads' attention sink and recent window.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..heads import HeadScores, rank_heads
@@ -23,10 +28,24 @@ def duo_pattern(scores: HeadScores, num_layers: int, num_heads: int, num_kv_head
     return pattern
 
 
-def write_duo_pattern(path: str | Path, pattern: list[list[int]]) -> Path:
+PATTERN_FILE = "full_attention_heads.tsv"
+CONFIG_FILE = "config.json"
+
+
+def write_duo_pattern(path: str | Path, pattern: list[list[int]], sink_size: int = 64, recent_size: int = 256) -> Path:
+    """Write `pattern` + `config.json` into the directory `path` (or, for a `.tsv` path, that file and the config
+    beside it); returns the TSV's path. Defaults: DuoAttention's sink 64 and recent window 256."""
+    if sink_size < 0 or recent_size < 1:
+        raise ValueError(f"sink_size must be >= 0 and recent_size >= 1, got {sink_size} and {recent_size}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    tsv = path if path.suffix == ".tsv" else path / PATTERN_FILE
+    tsv.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(tsv, "".join("\t".join(str(v) for v in row) + "\n" for row in pattern))
+    _write_atomic(tsv.parent / CONFIG_FILE, json.dumps({"sink_size": sink_size, "recent_size": recent_size}) + "\n")
+    return tsv
+
+
+def _write_atomic(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join("\t".join(str(v) for v in row) + "\n" for row in pattern), encoding="utf-8")
+    partial.write_text(text, encoding="utf-8")
     partial.replace(path)
-    return path
