@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.tiny and torch.device(args.device).type == "cpu":
+        torch.set_num_threads(1)  # toy-sized ops gain nothing from threads, and on a busy CPU spinning ones cost 50x
     suite = Suite.create(args.device, args.tiny, args.model)
     result = dict(meta=metadata(suite, argv), sections={})
     output = Path(args.output)

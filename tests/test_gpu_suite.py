@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.py"
@@ -119,3 +120,38 @@ def test_with_the_embedded_model(tmp_path, embedded_model_dir):
     assert str(embedded_model_dir) in models
     trials = result["sections"]["3 probe vs reference detection"]["rows"]
     assert any(row["model"] == str(embedded_model_dir) and row["reference_s"] for row in trials)
+
+
+def test_a_failing_section_is_reported_and_the_suite_goes_on(suite_module, tmp_path):
+    """A section that raises gets status "error" with its traceback; a skip keeps its reason; a failed check
+    makes the section "failed" (and the exit code 1)."""
+    import types
+
+    from gpu_sections.common import Skip, Suite, check
+
+    def module(run):
+        return types.SimpleNamespace(__doc__="A made-up section.", run=run)
+
+    def raises(suite):
+        raise RuntimeError("boom")
+
+    def skips(suite):
+        raise Skip("no reason to run")
+
+    suite = Suite(torch.device("cpu"), tiny=True)
+    error = suite_module.run_section(suite, module(raises))
+    assert error["status"] == "error" and "boom" in error["reason"] and "RuntimeError" in error["traceback"]
+    skipped = suite_module.run_section(suite, module(skips))
+    assert skipped == dict(status="skipped", reason="no reason to run", about="A made-up section.",
+                           seconds=skipped["seconds"])
+    failed = suite_module.run_section(suite, module(lambda s: dict(rows=[{"x": 1}], checks=[check("c", False)])))
+    assert failed["status"] == "failed"
+
+
+def test_headwise_section_skips_without_the_cache_package(suite_module, monkeypatch):
+    from gpu_sections import headwise
+    from gpu_sections.common import Skip
+
+    monkeypatch.setitem(sys.modules, "selective_attention.cache", None)  # as if the package were absent
+    with pytest.raises(Skip, match="selective_attention.cache not installed"):
+        headwise._import_cache()

@@ -12,6 +12,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterator
 
 import torch
@@ -32,7 +33,8 @@ SMALL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hid
              num_key_value_heads=4, head_dim=128, max_position_embeddings=32768)
 #: --tiny stand-ins: same structure (GQA, llama3 RoPE), toy sizes, so every code path still runs.
 TINY_BIG = dict(LLAMA_8B, vocab_size=512, bos_token_id=1, eos_token_id=2, hidden_size=64, intermediate_size=128,
-                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                max_position_embeddings=1024,
                 rope_parameters=dict(LLAMA_8B["rope_parameters"], original_max_position_embeddings=128))
 TINY_SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, max_position_embeddings=1024)
@@ -61,8 +63,6 @@ class Suite:
     @classmethod
     def create(cls, device: str, tiny: bool, model_path: str | None = None) -> "Suite":
         if tiny:
-            # one thread: toy-sized ops gain nothing from more, and on a busy CPU spinning threads cost 50x
-            torch.set_num_threads(1)
             return cls(torch.device(device), True, repeats=2, new_tokens=4, model_path=model_path,
                        contexts=dict(TINY_CONTEXTS))
         return cls(torch.device(device), False, model_path=model_path)
@@ -82,7 +82,8 @@ class Suite:
         if self._big is None:
             start = time.perf_counter()
             self._big = random_model(self.big_config(), self.device, self.dtype)
-            logger.info("built the %s model in %.1f s", "tiny" if self.tiny else "8B-shaped", time.perf_counter() - start)
+            logger.info("built the %s model in %.1f s", "tiny" if self.tiny else "8B-shaped",
+                        time.perf_counter() - start)
         self._big.set_attn_implementation("sdpa")
         return self._big
 
@@ -138,25 +139,25 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Milliseconds of one call of `fn` (CUDA events on a GPU)."""
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """(milliseconds, result) of one call of `fn` (CUDA events on a GPU, the host clock elsewhere)."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        result = fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end), result
     begin = time.perf_counter()
-    fn()
-    return (time.perf_counter() - begin) * 1e3
+    result = fn()
+    return (time.perf_counter() - begin) * 1e3, result
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     synchronize(device)
-    return statistics.median(time_ms(fn, device) for _ in range(repeats))
+    return statistics.median(timed(fn, device)[0] for _ in range(repeats))
 
 
 @contextmanager
@@ -190,14 +191,11 @@ def check(name: str, passed: bool, **details) -> dict:
 def decode_ms(model, cache, logits: torch.Tensor, steps: int, device: torch.device) -> list[float]:
     """Greedy decode `steps` tokens from the last `logits` (batch, 1, vocab) into `cache`; ms of each step."""
     times = []
-    token = logits[:, -1:].argmax(-1)
+    token = logits[:, -1:].argmax(-1)  # (batch, 1)
     with torch.inference_mode():
         for _ in range(steps):
-            holder = {}
-
-            def step() -> None:
-                holder["out"] = model(input_ids=token, **cache_kwargs(cache), use_cache=True, logits_to_keep=1)
-
-            times.append(time_ms(step, device))
-            token = holder["out"].logits[:, -1:].argmax(-1)
+            ms, out = timed(partial(model, input_ids=token, **cache_kwargs(cache), use_cache=True, logits_to_keep=1),
+                            device)
+            times.append(ms)
+            token = out.logits[:, -1:].argmax(-1)
     return times

@@ -85,8 +85,8 @@ def run(suite: Suite) -> dict:
         rows.append(row)
         if method == "duplicate":
             tolerance = TOLERANCE * float(original_logits.abs().max())
-            checks.append(check(f"duplicate -> {target} KV heads computes the original function", difference <= tolerance,
-                                max_abs_diff=difference, tolerance=tolerance))
+            checks.append(check(f"duplicate -> {target} KV heads computes the original function",
+                                difference <= tolerance, max_abs_diff=difference, tolerance=tolerance))
         if failure:
             checks.append(check(f"convert_model({method}) runs on {suite.device.type}", False, error=failure))
     return dict(rows=rows, checks=checks, notes=[

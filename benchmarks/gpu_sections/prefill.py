@@ -25,41 +25,44 @@ def _heads(layers: int, heads: int, count: int, seed: int = 0) -> list[tuple[int
     return sorted(random.Random(seed).sample(every, min(count, len(every))))
 
 
+def _one_length(suite: Suite, model, label: str, kernels: list[str], heads: list[tuple[int, int]]) -> list[dict]:
+    length = suite.contexts[label]
+    ids = random_ids(model.config.vocab_size, length, suite.device)
+
+    def prefill() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    rows = []
+    for kernel in kernels:
+        model.set_attn_implementation(kernel)
+        base_ms = median_ms(prefill, suite.device, suite.repeats)  # its warm-up call also warms this length
+        rows.append(dict(context=label, tokens=length, variant=kernel, heads_masked=0, ms=base_ms, ratio=1.0))
+        model.set_attn_implementation(MASKED_NAMES[kernel])
+        ms = median_ms(prefill, suite.device, suite.repeats, warmup=0)
+        rows.append(dict(context=label, tokens=length, variant=f"{MASKED_NAMES[kernel]} (none masked)",
+                         heads_masked=0, ms=ms, ratio=ms / base_ms))
+        model.set_attn_implementation(kernel)
+        # every mode on SDPA; flash only with `zero` (the modes add the same ops to either kernel)
+        for mode in MASK_MODES if kernel == "sdpa" else ("zero",):
+            with mask_heads(model, heads, mode):
+                ms = median_ms(prefill, suite.device, suite.repeats, warmup=0)
+            rows.append(dict(context=label, tokens=length, variant=f"{MASKED_NAMES[kernel]} {mode}",
+                             heads_masked=len(heads), ms=ms, ratio=ms / base_ms))
+    model.set_attn_implementation("sdpa")
+    return rows
+
+
 def run(suite: Suite) -> dict:
     model = suite.big_model()
     config = model.config
     heads = _heads(config.num_hidden_layers, config.num_attention_heads, 2 if suite.tiny else HEADS)
-    kernels = ["sdpa"] + (["flash_attention_2"] if suite.cuda and flash_attn_available() else [])
+    flash = suite.cuda and flash_attn_available()
+    kernels = ["sdpa"] + (["flash_attention_2"] if flash else [])
     rows = []
     for label in ("8K", "32K"):
-        length = suite.contexts[label]
-        ids = random_ids(config.vocab_size, length, suite.device)
-
-        def prefill() -> None:
-            with torch.inference_mode():
-                model(input_ids=ids, use_cache=False, logits_to_keep=1)
-
-        for kernel in kernels:
-            model.set_attn_implementation(kernel)
-            base_ms = median_ms(prefill, suite.device, suite.repeats)  # its warm-up call also warms this length
-            rows.append(dict(context=label, tokens=length, variant=kernel, heads_masked=0, ms=base_ms, ratio=1.0))
-            model.set_attn_implementation(MASKED_NAMES[kernel])
-            ms = median_ms(prefill, suite.device, suite.repeats, warmup=0)
-            rows.append(dict(context=label, tokens=length, variant=f"{MASKED_NAMES[kernel]} (none masked)",
-                             heads_masked=0, ms=ms, ratio=ms / base_ms))
-            model.set_attn_implementation(kernel)
-            # every mode on SDPA; flash only with `zero` (the modes differ by the same ops on either kernel)
-            for mode in MASK_MODES if kernel == "sdpa" else ("zero",):
-                with mask_heads(model, heads, mode):
-                    ms = median_ms(prefill, suite.device, suite.repeats, warmup=0)
-                rows.append(dict(context=label, tokens=length, variant=f"{MASKED_NAMES[kernel]} {mode}",
-                                 heads_masked=len(heads), ms=ms, ratio=ms / base_ms))
-        del ids
+        rows += _one_length(suite, model, label, kernels, heads)
         suite.empty_cache()
-    model.set_attn_implementation("sdpa")
-    if not any(k == "flash_attention_2" for k in kernels):
-        note = "flash_attention_2 not timed: " + ("flash-attn is not installed" if not flash_attn_available()
-                                                 else "no CUDA device")
-    else:
-        note = "flash_attention_2 timed"
+    why = "no CUDA device" if flash_attn_available() else "flash-attn is not installed"
+    note = "flash_attention_2 timed" if flash else f"flash_attention_2 not timed: {why}"
     return dict(rows=rows, checks=[], notes=[f"{len(heads)} heads masked: {heads}", note])

@@ -34,8 +34,9 @@ def markdown(result: dict) -> str:
     meta = result["meta"]
     lines = ["# selective-attention GPU suite", "",
              f"Device **{meta['device_name']}** ({meta['device']}), torch {meta['torch']}, transformers "
-             f"{meta['transformers']}, dtype {meta['dtype']}, {'--tiny (toy sizes)' if meta['tiny'] else 'full sizes'}, "
-             f"{meta['seconds']:.1f} s in all. Command: `{meta['command']}`", "",
+             f"{meta['transformers']}, dtype {meta['dtype']}, "
+             f"{'--tiny (toy sizes)' if meta['tiny'] else 'full sizes'}, {meta['seconds']:.1f} s in all. "
+             f"Command: `{meta['command']}`", "",
              "| section | status | seconds |", "|---|---|---:|"]
     for name, section in result["sections"].items():
         status = STATUS_TEXT[section["status"]]
@@ -63,7 +64,7 @@ def write(result: dict, output: Path) -> tuple[Path, Path]:
     """Write both files atomically (temporary name, then rename)."""
     output.mkdir(parents=True, exist_ok=True)
     paths = output / "gpu_suite.json", output / "gpu_suite.md"
-    for path, text in zip(paths, (json.dumps(result, indent=2, default=str) + "\n", markdown(result))):
+    for path, text in zip(paths, (json.dumps(result, indent=2, default=str) + "\n", markdown(result)), strict=True):
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, path)
