@@ -4,17 +4,7 @@ Importing the package registers its attention functions (`sa_masked_sdpa`, `sa_m
 transformers' `AttentionInterface` and `AttentionMaskInterface`.
 """
 
-import logging as _logging
-
-# transformers imports torchao (our CPU int8 backend) when it loads a model; on a CPU-only torch, torchao logs a
-# "Failed to load ... .so" warning per CUDA kernel library. They are harmless here: keep them out of users' logs.
-_logging.getLogger("torchao").setLevel(_logging.ERROR)
-# torchao also registers its enums as pytree constants, which torch >= 2.13 reports as deprecated, once per enum.
-_logging.getLogger("torch.utils._pytree").addFilter(
-    lambda record: "natively supported by torch.compile" not in record.getMessage()
-)
-
-from .registry import register_all as _register_all  # noqa: E402
+from .registry import register_all as _register_all
 
 _register_all()
 

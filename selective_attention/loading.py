@@ -3,17 +3,40 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import assets
+from .modeling import gguf_dequantize_kwargs
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "auto": "auto"}
+
+
+@contextmanager
+def _quiet_torchao() -> Iterator[None]:
+    """While loading only: transformers imports torchao (our CPU int8 backend), which on a CPU-only torch logs a
+    "Failed to load ... .so" warning per CUDA kernel library and a pytree deprecation notice per enum. Both are
+    harmless here; the loggers are restored afterwards, so users' logging is not changed process-wide."""
+    torchao, pytree = logging.getLogger("torchao"), logging.getLogger("torch.utils._pytree")
+    level = torchao.level
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "natively supported by torch.compile" not in record.getMessage()
+
+    torchao.setLevel(logging.ERROR)
+    pytree.addFilter(keep)
+    try:
+        yield
+    finally:
+        torchao.setLevel(level)
+        pytree.removeFilter(keep)
 
 
 def resolve_model(model: str | Path | None) -> str:
@@ -49,8 +72,6 @@ def load_model(
     `quantize`: None, "4bit" / "8bit" (bitsandbytes, CUDA) or "int8" (torchao weight-only, CPU or CUDA); see
     `selective_attention.quantization`. The choice is kept as `model.sa_quantization` for result sidecars.
     """
-    from transformers import GgufConfig
-
     name = resolve_model(model)
     load_kwargs = dict(dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
                        trust_remote_code=trust_remote_code, **kwargs)
@@ -61,7 +82,7 @@ def load_model(
                              "load); convert it to safetensors first or drop --quantize")
         path = Path(name)
         source = str(path.parent)
-        load_kwargs.update(gguf_file=path.name, quantization_config=GgufConfig(dequantize=True))
+        load_kwargs.update(gguf_file=path.name, **gguf_dequantize_kwargs())
     method = None
     if quantize:
         from . import quantization
@@ -71,9 +92,10 @@ def load_model(
         if method.backend == "bitsandbytes":  # bitsandbytes places weights while loading; .to() is not allowed after
             load_kwargs.setdefault("device_map", {"": device or "cuda"})
             device = None
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=load_kwargs.get("gguf_file"),
-                                              trust_remote_code=trust_remote_code)
-    loaded = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
+    with _quiet_torchao():
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=load_kwargs.get("gguf_file"),
+                                                  trust_remote_code=trust_remote_code)
+        loaded = AutoModelForCausalLM.from_pretrained(source, **load_kwargs)
     if device:
         loaded = loaded.to(device)
     loaded.eval()

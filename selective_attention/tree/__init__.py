@@ -1,1 +1,0 @@
-"""Key trees over the KV cache used by the tree-kernel attention."""
