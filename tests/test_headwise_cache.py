@@ -13,6 +13,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from selective_attention import mask_heads
+from selective_attention.attention import headwise as headwise_attention
 from selective_attention.cache import (HeadwiseLayer, HeadwisePolicy, cache_bytes, headwise_cache, kv_budget,
                                        prefill)
 from selective_attention.modeling import cache_kwargs
@@ -80,8 +81,9 @@ def _hand_attention(q, k, v, allowed, scale):
     return weights @ v[allowed]
 
 
-@pytest.mark.parametrize("chunk", [None, 5])
-def test_streaming_head_equals_attention_over_sink_and_window_by_hand(chunk):
+@pytest.mark.parametrize("chunk, block", [(None, 512), (None, 4), (5, 512), (9, 2)])
+def test_streaming_head_equals_attention_over_sink_and_window_by_hand(chunk, block, monkeypatch):
+    monkeypatch.setattr(headwise_attention, "BLOCK_ROWS", block)  # query rows per streaming-attention block
     sink, window, length, steps = 3, 5, 20, 4
     model = build_tiny(tiny_llama_config())
     attention = model.model.layers[0].self_attn
@@ -145,7 +147,9 @@ def test_cached_decode_equals_recomputation_under_the_policy(chunk):
     assert not torch.allclose(dense, recomputed, atol=1e-3)  # the policy does change the model
 
 
-def test_left_padded_batch_equals_runs_alone():
+@pytest.mark.parametrize("block", [512, 3])
+def test_left_padded_batch_equals_runs_alone(block, monkeypatch):
+    monkeypatch.setattr(headwise_attention, "BLOCK_ROWS", block)
     model = build_tiny(tiny_llama_config())
     model.generation_config.eos_token_id = None  # compare all ten steps
     policy = HeadwisePolicy(MIXED, sink=3, window=6)

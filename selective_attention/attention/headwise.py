@@ -64,33 +64,62 @@ def first_real_positions(attention_mask: torch.Tensor | None, batch: int, device
     return visible.to(torch.int8).argmax(dim=-1).expand(batch).to(torch.long)
 
 
-def streaming_mask(attention_mask: torch.Tensor | None, q_len: int, total: int, start: torch.Tensor, sink: int,
-                   window: int, recent_start: int | None) -> torch.Tensor | None:
-    """(batch, 1, q_len, keys) bool visibility of the streaming heads' keys, or None when every key is visible.
+#: Query rows per streaming-attention block: a block of rows needs only the sink and the window before it, so
+#: long prefills cost O(rows x (sink + window + block)) instead of O(rows x context).
+BLOCK_ROWS = 512
 
-    Keys are either every position 0..total-1 (`recent_start` None) or `sink` slots holding each row's first real
-    positions followed by the contiguous positions `recent_start..total-1`.
-    """
-    device = start.device
-    rows = torch.arange(total - q_len, total, device=device)  # cache positions of the query rows
-    first = 0 if recent_start is None else recent_start
-    cols = torch.arange(first, total, device=device)
-    visible = (cols[None, :] <= rows[:, None]) & (rows[:, None] - cols[None, :] <= window)  # (q, keys)
-    if recent_start is None:
-        # Every position is still stored: a row's sink positions are among them.
-        offset = cols[None, :] - start[:, None]
-        in_sink = (offset >= 0) & (offset < sink)  # (batch, keys)
-        visible = visible[None] | (in_sink[:, None, :] & (cols[None, :] <= rows[:, None])[None])
-    else:
-        visible = visible[None].expand(start.shape[0], -1, -1)
-    if attention_mask is not None:
-        base = attention_mask[:, 0, :, first:]
+
+def _visibility(attention_mask: torch.Tensor | None, rows: torch.Tensor, cols: torch.Tensor, slots: int,
+                start: torch.Tensor, sink: int, window: int) -> torch.Tensor | None:
+    """(batch, 1, rows, slots + cols) bool: which streaming keys each query row sees; None when all of them.
+
+    `rows`: cache positions of the query rows; `cols`: cache positions of the keys after the `slots` sink slots
+    (those hold each row's first real positions, always visible); `attention_mask` (batch, 1, rows, total)."""
+    causal = cols[None, :] <= rows[:, None]
+    visible = causal & (rows[:, None] - cols[None, :] <= window)  # (rows, cols)
+    offset = cols[None, :] - start[:, None]
+    in_sink = (offset >= 0) & (offset < sink)  # (batch, cols): a row's sink positions still among the keys
+    visible = visible[None] | (in_sink[:, None, :] & causal[None])
+    if attention_mask is not None:  # (batch, 1, rows, total): padding and causality by cache position
+        base = attention_mask[:, 0].index_select(-1, cols)
         visible = visible & (base if base.dtype == torch.bool else base == 0)
-    elif recent_start is not None and bool(visible.all()):
+    elif bool(visible.all()):
         return None
-    if recent_start is not None:
-        visible = torch.cat([visible.new_ones(visible.shape[0], q_len, sink), visible], dim=-1)
+    if slots:
+        visible = torch.cat([visible.new_ones(visible.shape[0], rows.shape[0], slots), visible], dim=-1)
     return visible[:, None]
+
+
+def _streaming_attention(module, query, keys, values, attention_mask, start: torch.Tensor, total: int,
+                         recent_start: int | None, plan: HeadwisePlan, dropout: float, scaling, kwargs
+                         ) -> torch.Tensor:
+    """query (batch, heads, q, head_dim) of the streaming heads; keys/values (batch, kv_heads, kept, head_dim): every
+    position when `recent_start` is None, else `sink` slots + positions recent_start..total-1.
+    Returns (batch, q, heads, head_dim)."""
+    device, q_len = query.device, query.shape[2]
+    slots, first = (0, 0) if recent_start is None else (plan.sink, recent_start)
+    sink_end = int(start.max()) + plan.sink if recent_start is None else 0  # sinks still among the positions
+    outputs = []
+    for r0 in range(0, q_len, BLOCK_ROWS):
+        r1 = min(q_len, r0 + BLOCK_ROWS)
+        low, high = total - q_len + r0 - plan.window, total - q_len + r1  # window positions of this block
+        ranges = [(a, b) for a, b in [(first, min(sink_end, high)), (max(low, sink_end, first), high)] if b > a]
+        if len(ranges) == 2 and ranges[0][1] == ranges[1][0]:
+            ranges = [(ranges[0][0], ranges[1][1])]
+        cols = torch.cat([torch.arange(a, b, device=device) for a, b in ranges])
+        if ranges == [(first, total)]:
+            block_keys, block_values = keys, values
+        else:
+            pieces = [(0, slots)] if slots else []
+            pieces += [(a - first + slots, b - first + slots) for a, b in ranges]
+            block_keys = torch.cat([keys[:, :, a:b] for a, b in pieces], dim=2)
+            block_values = torch.cat([values[:, :, a:b] for a, b in pieces], dim=2)
+        rows = torch.arange(total - q_len + r0, total - q_len + r1, device=device)
+        block_mask = None if attention_mask is None else attention_mask[:, :, r0:r1]
+        mask = _visibility(block_mask, rows, cols, slots, start, plan.sink, plan.window)
+        outputs.append(_group_attention(module, query[:, :, r0:r1], block_keys, block_values, mask, dropout, scaling,
+                                        False if mask is None else None, **kwargs))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
 
 
 def _group_attention(module, query, key, value, mask, dropout, scaling, is_causal, **kwargs) -> torch.Tensor:
@@ -144,9 +173,8 @@ def headwise_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.T
                                scaling, None, **kwargs)
         output.index_copy_(2, full_q, out)
     stream_q = plan.index("streaming_q", device)
-    mask = streaming_mask(attention_mask, q_len, total, start, plan.sink, plan.window, recent_start)
-    out = _group_attention(module, query.index_select(1, stream_q), stream_key, stream_value, mask, dropout, scaling,
-                           False if mask is None else None, **kwargs)
+    out = _streaming_attention(module, query.index_select(1, stream_q), stream_key, stream_value, attention_mask,
+                               start, total, recent_start, plan, dropout, scaling, kwargs)
     output.index_copy_(2, stream_q, out)
     if layer is not None:
         layer.commit()
