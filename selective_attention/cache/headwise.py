@@ -172,3 +172,27 @@ def prefill(model: PreTrainedModel, cache: Cache, input_ids: torch.Tensor, atten
                            position_ids=position_ids[:, past + begin: past + end], **cache_kwargs(cache),
                            use_cache=True, logits_to_keep=1)
     return output
+
+
+def parse_full(text: str | int | float) -> int | float:
+    """`--full-kv-heads` value: "0.25" (a fraction, has a point) or "23" (a count)."""
+    if isinstance(text, (int, float)):
+        return text
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        raise ValueError(f"full KV heads must be a count (e.g. 23) or a fraction (e.g. 0.25), got {text!r}") from None
+
+
+def trial_cache(model: PreTrainedModel, policy: HeadwisePolicy, shared: DynamicCache | None, cached: int,
+                input_ids: list[int], prefill_chunk: int | None = None) -> tuple[HeadwiseCache, int]:
+    """(cache, prompt tokens it holds) for one prompt: a shared-prefix `DynamicCache` (computed under the policy's
+    plans) converted and trimmed, or an empty cache; with `prefill_chunk`, the prompt but its last token is
+    prefilled here in chunks, so the streaming heads never hold more than sink + window + chunk positions."""
+    cache = HeadwiseCache(policy, model.config) if shared is None else HeadwiseCache.from_dynamic(shared, policy,
+                                                                                                  model.config)
+    cached = 0 if shared is None else cached
+    if prefill_chunk and len(input_ids) - 1 > cached:
+        prefill(model, cache, torch.tensor([input_ids[cached:-1]], device=model.device), chunk=prefill_chunk)
+        cached = len(input_ids) - 1
+    return cache, cached

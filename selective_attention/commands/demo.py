@@ -17,6 +17,7 @@ import logging
 import time
 
 from . import add_model_arguments
+from .needle import add_kv_cache_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--mode", default="zero", choices=["zero", "uniform", "mean"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    add_kv_cache_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -54,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..needle.haystack import Haystack, build_prompt, check_length, load_haystack_text, prompt_template
     from ..needle.needles import resolve_needles
     from ..needle.rouge import rouge1_recall
+    from ..cache.headwise import trial_cache
 
     if args.heads is not None and args.heads < 1:
         raise ValueError(f"--heads {args.heads}: must be at least 1")
@@ -75,9 +78,13 @@ def run(args: argparse.Namespace) -> int:
                           args.depth)
     check_length(model, len(prompt.input_ids), args.max_new_tokens, args.context_tokens)
     stop_ids = stop_token_ids(tokenizer, model)
+    policy = headwise_demo_policy(args, model, scores, len(prompt.input_ids))
 
     def answer() -> str:
-        decoded = greedy_decode(model, prompt.input_ids, stop_ids=stop_ids, max_new_tokens=args.max_new_tokens)
+        cache, cached = (None, 0) if policy is None else trial_cache(model, policy, None, 0, prompt.input_ids,
+                                                                      args.prefill_chunk)
+        decoded = greedy_decode(model, prompt.input_ids, stop_ids=stop_ids, max_new_tokens=args.max_new_tokens,
+                                cache=cache, cached_length=cached)
         return tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip()
 
     def show(label: str, text: str) -> None:
@@ -103,3 +110,19 @@ def run(args: argparse.Namespace) -> int:
         logger.info("masked %s", ",".join(f"{l}-{h}" for l, h in chosen))
     logger.info("demo took %.1fs", time.perf_counter() - started)
     return 0
+
+
+def headwise_demo_policy(args: argparse.Namespace, model, scores, prompt_tokens: int):
+    """With --kv-cache headwise: the policy every answer of the demo decodes under (the model switched to it)."""
+    if args.kv_cache != "headwise":
+        return None
+    from ..cache import HeadwiseHandle, headwise_policy, kv_budget
+    from ..cache.headwise import parse_full
+
+    policy = headwise_policy(model, scores, full=parse_full(args.full_kv_heads), sink=args.sink, window=args.window,
+                             method=args.kv_select, seed=args.seed)
+    HeadwiseHandle(model, policy)
+    budget = kv_budget(model, policy, prompt_tokens)
+    print(f"head-wise KV cache: {policy.describe()} ({args.kv_select}); {budget.fraction:.0%} of the dense KV "
+          f"positions kept at {prompt_tokens} tokens")
+    return policy

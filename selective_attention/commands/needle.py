@@ -23,7 +23,33 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--score-against", default="needle", choices=["needle", "answer"],
                         help="ROUGE-1 recall of the needle sentence (reference) or of the expected answer")
     parser.add_argument("--label", default=None, help="name of this run in plots")
+    add_kv_cache_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def add_kv_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    """--kv-cache/--full-kv-heads/--kv-select/--sink/--window/--prefill-chunk, shared by needle and demo."""
+    parser.add_argument("--kv-cache", default="dynamic", choices=["dynamic", "headwise"],
+                        help="headwise: retrieval KV heads keep the whole context, the others sink + window")
+    parser.add_argument("--full-kv-heads", default="0.25",
+                        help="head-wise: KV heads kept full, a count (23) or a fraction of all KV heads (0.25)")
+    parser.add_argument("--kv-select", default="top", choices=["top", "random"],
+                        help="head-wise: top retrieval KV heads (--head-scores) or seeded random ones (--seed)")
+    parser.add_argument("--sink", type=int, default=64, help="head-wise: first positions every head keeps")
+    parser.add_argument("--window", type=int, default=256, help="head-wise: recent positions streaming heads keep")
+    parser.add_argument("--prefill-chunk", type=int, default=None,
+                        help="head-wise: prefill in chunks of this many tokens (lower peak memory)")
+
+
+def kv_head_scores_path(args: argparse.Namespace) -> str | None:
+    """--head-scores, or for a head-wise cache on the embedded model the scores shipped with the package."""
+    if args.head_scores or args.kv_cache != "headwise" or args.model is not None:
+        return args.head_scores
+    from importlib import resources
+
+    from ..heads import EMBEDDED_MODEL_SCORES
+
+    return str(resources.files("selective_attention").joinpath(EMBEDDED_MODEL_SCORES))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,10 +61,13 @@ def run(args: argparse.Namespace) -> int:
 
     config = NeedleConfig(lengths=args.lengths, depths=args.depths,
                           needles=get_language(args.language).resolve_needles(args.needles),
-                          mask=args.mask, seed=args.seed, mask_mode=args.mask_mode, head_scores=args.head_scores,
+                          mask=args.mask, seed=args.seed, mask_mode=args.mask_mode,
+                          head_scores=kv_head_scores_path(args),
                           max_new_tokens=args.max_new_tokens, haystack=args.haystack,
                           chat=False if args.no_chat else None, score_against=args.score_against,
-                          language=args.language, haystack_language=args.haystack_language)
+                          language=args.language, haystack_language=args.haystack_language,
+                          kv_cache=args.kv_cache, full_kv_heads=args.full_kv_heads, kv_select=args.kv_select,
+                          sink=args.sink, window=args.window, prefill_chunk=args.prefill_chunk)
     if args.head_scores and not Path(args.head_scores).exists():
         raise FileNotFoundError(f"head-score file {args.head_scores} does not exist")
     from ..tracking import check_backend

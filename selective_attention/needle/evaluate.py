@@ -4,7 +4,8 @@ One JSON file per test point, in the layout of gkamradt/LLMTest_NeedleInAHaystac
 depth_percent, needle, model_response, score, ...) plus the masked heads and the ablation mode; a point whose
 file exists is not run again, so an interrupted grid resumes. Score: ROUGE-1 recall x 100 of the needle
 sentence in the answer (as the reference scores it), or of the expected answer with `score_against="answer"`.
-Masks hold at prefill and decode.
+Masks hold at prefill and decode. With `kv_cache="headwise"` every trial decodes through a head-wise KV cache
+(`selective_attention.cache`): the top (or seeded random) KV heads keep the whole context, the others sink + window.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 from ..attention.masked import MASK_MODES
 from ..heads import Head, check_head_scores, head_key, load_head_scores, load_sidecar, select_heads, validate_heads
 from ..masking import mask_heads, text_config
+from ..cache.headwise import HeadwiseHandle, parse_full, trial_cache
+from ..cache.selection import SELECTION_METHODS, headwise_policy
 from .generate import SharedPrefix, greedy_decode, stop_token_ids
 from .haystack import Haystack, NeedlePrompt, build_prompt, check_grid, check_length, prompt_template
 from .needles import Needle
@@ -31,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 SCORE_TARGETS = ("needle", "answer")
 MANIFEST = "run.json"
+KV_CACHES = ("dynamic", "headwise")
 
 
 @dataclass
@@ -49,8 +53,18 @@ class NeedleConfig:
     reuse_prefix: bool = True
     language: str = "en"  # needle, question and ROUGE language
     haystack_language: str | None = None  # None: same as `language`
+    kv_cache: str = "dynamic"  # dynamic | headwise
+    full_kv_heads: str = "0.25"  # head-wise: count ("23") or fraction ("0.25") of KV heads kept full
+    kv_select: str = "top"  # head-wise: top retrieval KV heads (head_scores) | random (seeded with `seed`)
+    sink: int = 64
+    window: int = 256
+    prefill_chunk: int | None = None  # head-wise: prefill in chunks of this many tokens
 
     def __post_init__(self) -> None:
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(f"unknown kv_cache {self.kv_cache!r}; expected one of {KV_CACHES}")
+        if self.kv_select not in SELECTION_METHODS:
+            raise ValueError(f"unknown kv_select {self.kv_select!r}; expected one of {SELECTION_METHODS}")
         self.language = get_language(self.language).code
         self.haystack_language = get_language(self.haystack_language or self.language).code
         if self.mask_mode not in MASK_MODES:
@@ -95,7 +109,7 @@ def _check_manifest(output_dir: Path, manifest: dict) -> None:
     if not path.exists():
         return
     theirs = json.loads(path.read_text(encoding="utf-8"))
-    for field_name in ("model", "masked_heads", "mask_mode", "language", "haystack_language"):
+    for field_name in ("model", "masked_heads", "mask_mode", "language", "haystack_language", "kv_cache"):
         if theirs.get(field_name, "en" if "language" in field_name else None) != manifest[field_name]:
             raise ValueError(f"{output_dir} holds results with {field_name}={theirs.get(field_name)!r}, this run has "
                              f"{manifest[field_name]!r}; use another --output-dir (nothing was overwritten)")
@@ -108,14 +122,20 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
     text = text_config(model)
     num_layers, num_heads = text.num_hidden_layers, text.num_attention_heads
     heads = resolve_mask(config.mask, num_layers, num_heads, config.head_scores, config.seed)
+    policy = None if config.kv_cache == "dynamic" else headwise_policy(
+        model, config.head_scores, full=parse_full(config.full_kv_heads), sink=config.sink, window=config.window,
+        method=config.kv_select, seed=config.seed)
+    kv_cache = None if policy is None else {**policy.to_dict(), "select": config.kv_select,
+                                            "full_kv_heads": config.full_kv_heads, "describe": policy.describe()}
     model_name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
     output_dir = Path(output_dir)
     manifest = {"model": model_name, "masked_heads": [head_key(*h) for h in heads],
                 "mask_mode": config.mask_mode if heads else None, "mask": config.mask, "seed": config.seed,
                 "head_scores": str(config.head_scores) if config.head_scores else None,
-                "label": label or _default_label(config, heads), "settings": _settings(config),
+                "label": label or _kv_label(config, policy, _default_label(config, heads)),
+                "settings": _settings(config),
                 "language": config.language, "haystack_language": config.haystack_language,
-                "quantization": describe_model(model)}
+                "quantization": describe_model(model), "kv_cache": kv_cache}
     if output_dir.exists():
         _check_manifest(output_dir, manifest)
 
@@ -143,6 +163,7 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
     stop_ids = stop_token_ids(tokenizer, model)
     if pending:
         handle = mask_heads(model, heads, mode=config.mask_mode) if heads else None
+        headwise = HeadwiseHandle(model, policy) if policy is not None else None
         try:
             # Mean ablation keeps running state along the sequence, so it cannot start from a shared cache.
             reuse = config.reuse_prefix and not (heads and config.mask_mode == "mean")
@@ -150,6 +171,8 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
             for prompt in tqdm(pending, desc="needle", disable=not progress):
                 started = time.perf_counter()
                 cache, cached = shared.start(prompt) if shared is not None else (None, 0)
+                if policy is not None:
+                    cache, cached = trial_cache(model, policy, cache, cached, prompt.input_ids, config.prefill_chunk)
                 decoded = greedy_decode(model, prompt.input_ids, stop_ids=stop_ids,
                                         max_new_tokens=config.max_new_tokens, cache=cache, cached_length=cached)
                 response = tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip()
@@ -172,6 +195,7 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
                     "score_against": config.score_against,
                     "masked_heads": manifest["masked_heads"],
                     "mask_mode": manifest["mask_mode"],
+                    "kv_cache": kv_cache["describe"] if kv_cache else "dynamic",
                 }
                 _write_json(point_path(output_dir, prompt.extra["length"], prompt.depth_percent, prompt.needle),
                             result)
@@ -183,6 +207,8 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
                     log_trial(tracker, result, step=done, prefix="needle")
                     done += 1
         finally:
+            if headwise is not None:
+                headwise.remove()
             if handle is not None:
                 handle.remove()
     return load_results(output_dir)
@@ -202,6 +228,14 @@ def _default_label(config: NeedleConfig, heads: list[Head]) -> str:
     if spec.startswith("random"):
         name += f" (seed {config.seed})"
     return f"{name} masked ({config.mask_mode})"
+
+
+def _kv_label(config: NeedleConfig, policy, mask_label: str) -> str:
+    if policy is None:
+        return mask_label
+    total = policy.num_layers * policy.num_kv_heads
+    kv = f"{policy.num_full}/{total} KV heads full ({config.kv_select}), sink {policy.sink} + window {policy.window}"
+    return kv if mask_label == "no mask" else f"{kv}; {mask_label}"
 
 
 def load_results(output_dir: str | Path) -> list[dict]:
