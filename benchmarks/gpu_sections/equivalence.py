@@ -19,6 +19,7 @@ from selective_attention.registry import flash_attn_available
 from .common import Suite, check, random_ids, random_model
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+NAMES = {dtype: name for name, dtype in DTYPES.items()}
 RTOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
 KERNELS = ("sdpa", "eager", "flash_attention_2")
 
@@ -57,17 +58,18 @@ def _compare(model, kernel: str, ids, attention_mask, heads) -> tuple[dict, list
             for o_proj, weight in saved:
                 o_proj.weight.copy_(weight)
     dtype = model.dtype
+    name = f"{kernel} {NAMES[dtype]}"
     no_mask_diff = float((unmasked - plain).abs().max())
     zero_diff = float((ablated - columns).abs().max())
     zero_tol = RTOL[dtype] * float(columns.abs().max())
     changed = float((ablated - plain).abs().max())
     row = dict(kernel=kernel, masked_name=MASKED_NAMES[kernel], no_mask_max_abs_diff=no_mask_diff,
                zero_vs_o_proj_max_abs_diff=zero_diff, zero_tolerance=zero_tol, ablation_changes_logits_by=changed)
-    checks = [check(f"{kernel} {dtype}: {MASKED_NAMES[kernel]} without mask == {kernel}", no_mask_diff == 0.0,
+    checks = [check(f"{name}: {MASKED_NAMES[kernel]} without mask == {kernel}", no_mask_diff == 0.0,
                     max_abs_diff=no_mask_diff, tolerance=0.0),
-              check(f"{kernel} {dtype}: zero ablation == o_proj column zeroing", zero_diff <= zero_tol,
+              check(f"{name}: zero ablation == o_proj column zeroing", zero_diff <= zero_tol,
                     max_abs_diff=zero_diff, tolerance=zero_tol),
-              check(f"{kernel} {dtype}: ablating {len(heads)} heads changes the logits by more than the two "
+              check(f"{name}: ablating {len(heads)} heads changes the logits by more than the two "
                     "ablation paths differ", changed > zero_diff, max_abs_diff=changed)]
     return row, checks
 
