@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import selective_attention
 from selective_attention import mask_heads, masked_heads, unmask_heads
+from selective_attention.modeling import output_cache
 from selective_attention.models import SelectiveLlamaConfig, SelectiveLlamaForCausalLM
 
 IDS = torch.tensor([[5, 17, 3, 99, 42, 8, 23, 64, 7, 11, 2, 90]])
@@ -61,7 +62,7 @@ def test_uneven_noncontiguous_map_equals_expanded_mha(attn):
 def test_cache_holds_each_layers_own_kv_heads():
     model = selective_tiny([1, 2, 4])
     with torch.no_grad():
-        cache = model(IDS, use_cache=True).cache
+        cache = output_cache(model(IDS, use_cache=True))
     assert [layer.keys.shape[1] for layer in cache.layers] == [1, 2, 4]
     assert [layer.values.shape[1] for layer in cache.layers] == [1, 2, 4]
 
@@ -128,11 +129,13 @@ def test_save_writes_auto_map_and_code(tmp_path):
     assert config["model_type"] == "selective_llama"
     assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM",
                                        "AutoModelForSequenceClassification"}
-    for name in ("modeling_selective_llama.py", "configuration_selective_llama.py", "model.safetensors"):
+    for name in ("modeling_selective_llama.py", "configuration_selective_llama.py", "head_mask_selective_llama.py",
+                 "model.safetensors"):
         assert (tmp_path / name).is_file()
     source = (tmp_path / "modeling_selective_llama.py").read_text()
     assert "ALL_ATTENTION_FUNCTIONS.get_interface(" in source
     assert import_roots(source) == {"__future__", "collections", "torch", "transformers", "."}
+    assert import_roots((tmp_path / "head_mask_selective_llama.py").read_text()) == {"__future__", "torch"}
     assert import_roots((tmp_path / "configuration_selective_llama.py").read_text()) <= {
         "__future__", "huggingface_hub", "transformers"}  # huggingface_hub: a dependency of transformers
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()  # no trust_remote_code
@@ -152,27 +155,38 @@ LOAD_WITHOUT_PLUGIN = textwrap.dedent("""
     sys.meta_path.insert(0, Block())
     import torch
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32).eval()
     ids = torch.tensor(json.loads(sys.argv[2]))
-    with torch.no_grad():
-        torch.save(model(ids).logits, sys.argv[3])
+    results = []
+    for checkpoint in json.loads(sys.argv[1]):
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True, dtype=torch.float32).eval()
+        with torch.no_grad():
+            results.append(model(ids).logits)
+        print(type(model).__module__, type(model).__name__)
+    torch.save(results, sys.argv[3])
     assert not any(name.startswith("selective_attention") for name in sys.modules)
-    print(type(model).__module__, type(model).__name__)
 """)
 
 
-def load_in_fresh_process(checkpoint, ids, tmp_path) -> torch.Tensor:
-    """Logits from `checkpoint` loaded in a subprocess where selective_attention cannot be imported."""
+def load_many_in_fresh_process(checkpoints, ids, tmp_path) -> list[torch.Tensor]:
+    """Logits of each checkpoint, loaded in one subprocess where selective_attention cannot be imported."""
     script = tmp_path / "load.py"
     script.write_text(LOAD_WITHOUT_PLUGIN)
     out = tmp_path / "logits.pt"
     env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
            "HOME": str(tmp_path)}
-    result = subprocess.run([sys.executable, "-I", str(script), str(checkpoint), json.dumps(ids.tolist()), str(out)],
+    paths = json.dumps([str(checkpoint) for checkpoint in checkpoints])
+    result = subprocess.run([sys.executable, "-I", str(script), paths, json.dumps(ids.tolist()), str(out)],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "SelectiveLlamaForCausalLM" in result.stdout and "transformers_modules" in result.stdout
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(checkpoints)
+    assert all("SelectiveLlamaForCausalLM" in line and "transformers_modules" in line for line in lines)
     return torch.load(out)
+
+
+def load_in_fresh_process(checkpoint, ids, tmp_path) -> torch.Tensor:
+    """Logits from `checkpoint` loaded in a subprocess where selective_attention cannot be imported."""
+    return load_many_in_fresh_process([checkpoint], ids, tmp_path)[0]
 
 
 def test_round_trip_without_plugin(tmp_path):

@@ -8,8 +8,14 @@ Fields beyond `LlamaConfig`:
 - `kv_head_map`: per layer, for each query head the index of the KV head it reads (groups may be uneven or
   non-contiguous); defaults to the contiguous GQA layout `h // (num_attention_heads // kv_heads)`;
 - `conversion`: how the checkpoint was made (method, source model, per-layer reconstruction error), or None;
-- `sa_masked_heads` / `sa_mask_mode`: a persisted head mask ("L-H" strings, zero | uniform | mean), applied on load.
+- `sa_masked_heads` / `sa_mask_mode`: a persisted head mask ("L-H" strings, zero | uniform | mean), applied on load;
+- `qkv_bias`: biases on q/k/v only (Qwen2); `attention_bias` keeps Llama's meaning (all four projections);
+- `qk_norm`: RMSNorm over `head_dim` on every query and key head before RoPE (Qwen3);
+- `sliding_window_per_layer`: each layer's sliding window, None for full attention (Mistral, Qwen2/3 windows).
 `num_key_value_heads` is kept as the largest per-layer count, for tools that read a single number.
+
+The windows are not called `sliding_window` / `layer_types` on purpose: transformers' caches read those names and
+would keep only the window's keys; selective_llama keeps every key and applies the window in the attention mask.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ class SelectiveLlamaConfig(LlamaConfig):
     conversion: dict | None = None
     sa_masked_heads: list[str] | None = None
     sa_mask_mode: str | None = None
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sliding_window_per_layer: list[int | None] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -65,6 +74,9 @@ class SelectiveLlamaConfig(LlamaConfig):
                 )
         self.num_key_value_heads_per_layer = counts
         self.num_key_value_heads = max(counts)
+        windows = self.sliding_window_per_layer
+        if windows is not None and (len(windows) != layers or any(w is not None and int(w) < 1 for w in windows)):
+            raise ValueError(f"sliding_window_per_layer needs one window >= 1 (or null) per layer; got {windows}")
         if self.sa_mask_mode is not None and self.sa_mask_mode not in MASK_MODES:
             raise ValueError(f"sa_mask_mode must be one of {MASK_MODES}, got {self.sa_mask_mode!r}")
 

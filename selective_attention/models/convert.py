@@ -1,4 +1,4 @@
-"""Llama-family checkpoint -> `selective_llama` with a chosen number of KV heads per layer.
+"""Llama, Mistral, Qwen2 or Qwen3 checkpoint -> `selective_llama` with a chosen number of KV heads per layer.
 
 Whole KV heads only (a head's `head_dim` rows of `k_proj`/`v_proj` move together, so RoPE pairs stay intact):
 
@@ -10,7 +10,8 @@ Whole KV heads only (a head's `head_dim` rows of `k_proj`/`v_proj` move together
   least reconstruction error, and the contiguous grouping is always a candidate, so it is never worse than mean.
 
 Reconstruction error of a layer: over calibration tokens and query heads, ||K_new - K||^2 / ||K||^2 averaged with
-the same for V (RoPE rotates every head of a position alike, so it does not change the error).
+the same for V (RoPE rotates every head of a position alike, so it does not change the error). K is the output of
+`k_proj` (bias included); on Qwen3 that is before the per-head q/k RMSNorm, which merging cannot pass through.
 
 The steps live in `conversion/` (source, plan, calibration, grouping, surgery); this module runs them in order and
 writes the result.
@@ -32,7 +33,7 @@ from .configuration_selective_llama import SelectiveLlamaConfig
 from .conversion.calibration import calibration_token_ids, default_calibration_texts, kv_gram_matrices
 from .conversion.grouping import best_partition, contiguous_partition
 from .conversion.plan import ConversionReport, LayerReport, check_target, parse_kv_heads, plan_layer, query_groups
-from .conversion.source import SUPPORTED_MODEL_TYPES, load_source, source_layout
+from .conversion.source import SUPPORTED_MODEL_TYPES, WINDOW_KEYS, load_source, selective_settings, source_layout
 from .conversion.surgery import build_converted
 from .modeling_selective_llama import SelectiveLlamaForCausalLM
 
@@ -57,7 +58,7 @@ def convert_model(
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[SelectiveLlamaForCausalLM, ConversionReport]:
-    """Convert a Llama-family model to `selective_llama` with `kv_heads` KV heads per layer.
+    """Convert a Llama, Mistral, Qwen2 or Qwen3 model (or a selective_llama) to `selective_llama`.
 
     `kv_heads`: a list (one count per layer), {layer: count}, or a string ("9", "15:16,14:1", "all:1").
     Layers that gain heads are always duplicated (exact); layers that lose heads use `method` (mean | similarity).
@@ -105,7 +106,8 @@ def convert_model(
         origins.append(origin)
     report = ConversionReport(source=source_name, method=method, calibration_tokens=used_tokens, layers=reports)
 
-    settings = {k: v for k, v in config.to_dict().items() if k not in DROPPED_CONFIG_KEYS}
+    settings = {k: v for k, v in config.to_dict().items() if k not in DROPPED_CONFIG_KEYS + WINDOW_KEYS}
+    settings.update(selective_settings(config))
     settings.update(num_key_value_heads_per_layer=targets, kv_head_map=maps, conversion={
         "method": method, "source": source_name, "source_kv_heads": source_counts,
         "layer_errors": report.errors, "groups": [row.groups for row in reports],

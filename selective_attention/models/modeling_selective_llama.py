@@ -1,6 +1,6 @@
 """`selective_llama`: Llama with a per-layer number of KV heads and an arbitrary query-head -> KV-head map.
 
-Self-contained on purpose: it imports only torch and transformers (plus its configuration file), so a saved
+Self-contained on purpose: it imports only torch and transformers (plus its sibling files), so a saved
 checkpoint loads with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` in a process where
 selective-attention is not installed.
 
@@ -10,8 +10,12 @@ selective-attention is not installed.
   (`num_key_value_groups`); any other map gathers the per-query-head K/V with `index_select` first.
 - Attention dispatches through `ALL_ATTENTION_FUNCTIONS.get_interface(...)`, so every registered attention
   function (selective-attention's `sa_masked_*` included) works on it.
-- A head mask persisted in the config (`sa_masked_heads`, `sa_mask_mode`) is applied by this file itself when
-  the attention implementation is not one of selective-attention's own (`sa_*`, which apply it themselves).
+- A head mask persisted in the config (`sa_masked_heads`, `sa_mask_mode`) is applied by this model itself
+  (`head_mask_selective_llama.py`) when the attention implementation is not one of selective-attention's own
+  (`sa_*`, which apply it themselves).
+- Converted Mistral / Qwen2 / Qwen3 attention: q/k/v biases (`qkv_bias`), per-head q/k RMSNorm (`qk_norm`) and
+  sliding windows (`sliding_window_per_layer`). A sliding layer keeps every key in its cache and applies the
+  window in the mask (flash attention gets `sliding_window` instead): the same outputs as the source, more memory.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_selective_llama import SelectiveLlamaConfig
+from .head_mask_selective_llama import ablate_after, ablate_before, config_head_masks
 
 MASK_ATTRIBUTE = "sa_head_mask"  # the attribute selective_attention.mask_heads sets on attention modules
 PLUGIN_PREFIX = "sa_"  # selective-attention's registered attention functions apply head masks themselves
@@ -64,64 +69,21 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-class ConfigHeadMask:
-    """A head mask read from the config; same attributes as selective_attention's `HeadMask`."""
+def sliding_window_mask(attention_mask, query_length: int, key_length: int, window: int, device):
+    """`attention_mask` (None, or 4D bool / additive (B, 1, q, >= kv)) restricted to the last `window` positions.
 
-    def __init__(self, heads, mode: str) -> None:
-        self.heads = tuple(sorted(set(int(h) for h in heads)))
-        self.mode = mode
-        self._index: dict = {}
-        self._mean_sum = None
-        self._mean_count = None
-
-    def index(self, device) -> torch.Tensor:
-        if device not in self._index:
-            self._index[device] = torch.tensor(self.heads, dtype=torch.long, device=device)
-        return self._index[device]
-
-    def __repr__(self) -> str:
-        return f"ConfigHeadMask(heads={self.heads}, mode={self.mode!r})"
-
-
-def config_head_masks(config) -> dict[int, ConfigHeadMask]:
-    """Layer -> mask from `sa_masked_heads` ("L-H" strings) and `sa_mask_mode`."""
-    heads = getattr(config, "sa_masked_heads", None) or []
-    mode = getattr(config, "sa_mask_mode", None) or "zero"
-    by_layer: dict[int, list[int]] = {}
-    for item in heads:
-        layer, head = (int(part) for part in str(item).split("-"))
-        by_layer.setdefault(layer, []).append(head)
-    return {layer: ConfigHeadMask(layer_heads, mode) for layer, layer_heads in by_layer.items()}
-
-
-def _ablate_before(mask, query: torch.Tensor) -> torch.Tensor:
-    if mask.mode == "uniform":  # a zero query attends uniformly to every visible key
-        return query.index_fill(1, mask.index(query.device), 0.0)
-    return query
-
-
-def _ablate_after(mask, output: torch.Tensor, attention_mask, kv_len: int) -> torch.Tensor:
-    """Zero or causal-running-mean ablation of the masked heads' outputs (B, q, H, D)."""
-    index = mask.index(output.device)
-    if mask.mode == "zero":
-        return output.index_fill(2, index, 0.0)
-    if mask.mode != "mean":
-        return output
-    batch, q_len = output.shape[:2]
-    selected = output.index_select(2, index).float()
-    weight = torch.ones(batch, q_len, device=output.device)
-    if attention_mask is not None and attention_mask.dim() == 4:
-        rows = torch.arange(q_len, device=attention_mask.device)
-        diagonal = attention_mask[:, 0, rows, rows + (kv_len - q_len)]
-        weight = (diagonal if diagonal.dtype == torch.bool else diagonal == 0).expand(batch, q_len).float()
-    running_sum = torch.cumsum(selected * weight[:, :, None, None], dim=1)
-    running_count = torch.cumsum(weight, dim=1)
-    if kv_len != q_len and mask._mean_sum is not None and mask._mean_sum.shape[0] == batch:
-        running_sum = running_sum + mask._mean_sum[:, None]
-        running_count = running_count + mask._mean_count[:, None]
-    mask._mean_sum, mask._mean_count = running_sum[:, -1], running_count[:, -1]
-    mean = running_sum / running_count.clamp(min=1)[:, :, None, None]
-    return output.index_copy(2, index, mean.to(output.dtype))
+    The keys are this layer's whole cache (B, Hkv, key_length, D), ending at the last query row, so query row i sits
+    at position key_length - query_length + i and sees key j when i's position - window < j <= i's position.
+    """
+    rows = torch.arange(key_length - query_length, key_length, device=device)[:, None]
+    keys = torch.arange(key_length, device=device)[None, :]
+    inside = (keys <= rows) & (keys > rows - window)  # (q, kv)
+    if attention_mask is None:
+        return inside[None, None]
+    mask = attention_mask[..., :key_length]
+    if mask.dtype == torch.bool:
+        return mask & inside
+    return mask.masked_fill(~inside, torch.finfo(mask.dtype).min)
 
 
 class SelectiveLlamaAttention(nn.Module):
@@ -144,11 +106,16 @@ class SelectiveLlamaAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        bias = config.attention_bias
+        bias = config.attention_bias or config.qkv_bias
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        # Qwen3: one RMSNorm over head_dim shared by every head, so it survives copying and merging KV heads.
+        norm = (lambda: LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)) if config.qk_norm else nn.Identity
+        self.q_norm, self.k_norm = norm(), norm()
+        windows = config.sliding_window_per_layer
+        self.sliding_window = windows[layer_idx] if windows else None
         setattr(self, MASK_ATTRIBUTE, config_head_masks(config).get(layer_idx))
 
     def kv_index(self, device) -> torch.Tensor:
@@ -169,8 +136,8 @@ class SelectiveLlamaAttention(nn.Module):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        key_states = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
@@ -187,10 +154,15 @@ class SelectiveLlamaAttention(nn.Module):
             self.config._attn_implementation, eager_attention_forward
         )
         implementation = self.config._attn_implementation or ""
+        if self.sliding_window is not None and "flash" not in implementation:
+            if getattr(cache, "is_compileable", False):  # static caches are longer than the keys seen so far
+                raise ValueError("selective_llama sliding-window layers need a dynamic cache (DynamicCache)")
+            attention_mask = sliding_window_mask(attention_mask, query_states.shape[2], key_states.shape[2],
+                                                 self.sliding_window, query_states.device)
         mask = getattr(self, MASK_ATTRIBUTE, None)
         own_mask = mask if mask is not None and mask.heads and not implementation.startswith(PLUGIN_PREFIX) else None
         if own_mask is not None:
-            query_states = _ablate_before(own_mask, query_states)
+            query_states = ablate_before(own_mask, query_states)
 
         attn_output, attn_weights = attention_interface(
             self,
@@ -200,10 +172,11 @@ class SelectiveLlamaAttention(nn.Module):
             attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout,
             scaling=self.scaling,
+            sliding_window=self.sliding_window,
             **kwargs,
         )
         if own_mask is not None:
-            attn_output = _ablate_after(own_mask, attn_output, attention_mask, key_states.shape[2])
+            attn_output = ablate_after(own_mask, attn_output, attention_mask, key_states.shape[2])
 
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output)

@@ -9,13 +9,26 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from ...modeling import gguf_dequantize_kwargs
+
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "selective_llama")
+#: model_type -> the selective_llama flags that reproduce its attention (sliding windows are read per layer)
+FAMILIES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {},  # sliding window on every layer when `sliding_window` is set
+    "qwen2": {"qkv_bias": True},  # biases on q/k/v, none on o_proj
+    "qwen3": {"qk_norm": True},  # RMSNorm over head_dim on q and k heads; windows on `layer_types` sliding layers
+    "selective_llama": {},  # its own config carries every flag
+}
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
+#: source config keys that selective_llama replaces by `sliding_window_per_layer` (transformers' caches read
+#: these names and would then keep only the window's keys)
+WINDOW_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "layer_types")
 
 
 def source_layout(config) -> tuple[list[int], list[list[int]]]:
-    """(KV heads per layer, query->KV map per layer) of a llama or selective_llama config."""
+    """(KV heads per layer, query->KV map per layer) of a supported config (one layout for all but selective_llama)."""
     if getattr(config, "model_type", None) == "selective_llama":
         return list(config.num_key_value_heads_per_layer), [list(row) for row in config.kv_head_map]
     heads = config.num_attention_heads
@@ -26,8 +39,25 @@ def source_layout(config) -> tuple[list[int], list[list[int]]]:
 def check_model_type(config, source: str) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{source} is a {model_type!r} model; convert supports Llama-architecture checkpoints "
-                         f"(model_type {' or '.join(SUPPORTED_MODEL_TYPES)})")
+        raise ValueError(f"{source} is a {model_type!r} model; convert supports these model types: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
+def sliding_windows(config) -> list[int | None] | None:
+    """The source's sliding window per layer (None: full attention), or None when no layer slides."""
+    window = getattr(config, "sliding_window", None)  # Qwen2/3 set it to None unless use_sliding_window
+    if window is None:
+        return None
+    kinds = getattr(config, "layer_types", None) or ["sliding_attention"] * config.num_hidden_layers
+    windows = [int(window) if kind == "sliding_attention" else None for kind in kinds]
+    return windows if any(w is not None for w in windows) else None
+
+
+def selective_settings(config) -> dict:
+    """selective_llama config fields beyond Llama's that make the converted attention compute the source's."""
+    if config.model_type == "selective_llama":
+        return {}
+    return {**FAMILIES[config.model_type], "sliding_window_per_layer": sliding_windows(config)}
 
 
 def load_source(model_or_path, dtype: torch.dtype = torch.float32):
@@ -50,8 +80,6 @@ def load_source(model_or_path, dtype: torch.dtype = torch.float32):
     if looks_local and not os.path.exists(os.path.expanduser(name)):
         raise FileNotFoundError(f"model path {name} does not exist")
     if name.endswith(".gguf"):
-        from transformers import GgufConfig
-
         path = Path(name).expanduser()
         source = str(path.parent)
         kwargs = dict(gguf_file=path.name)
@@ -59,7 +87,7 @@ def load_source(model_or_path, dtype: torch.dtype = torch.float32):
     check_model_type(config, name)
     load_kwargs = dict(kwargs)
     if "gguf_file" in kwargs:
-        load_kwargs["quantization_config"] = GgufConfig(dequantize=True)
+        load_kwargs.update(gguf_dequantize_kwargs())
     try:
         model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, output_loading_info=True, **load_kwargs)
     except (RuntimeError, OSError) as error:
