@@ -7,7 +7,6 @@ files of one model compare (two languages, two quantizations, two needle sets).
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .heads import Head, head_key, load_head_scores, load_sidecar, mean_scores, parse_head
+from .io import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -120,59 +120,6 @@ def compare_head_scores(path_a: str | Path, path_b: str | Path, k: int = 20,
                       k=k, top_a=top_k(means_a, k), top_b=top_k(means_b, k), trials=counted)
 
 
-def plot_comparison(comparison: Comparison, output: str | Path, title: str | None = None,
-                    annotate: int = 8) -> Path:
-    """Scatter of per-head mean scores (x: file A, y: file B), top-K heads of each marked, overlap annotated."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    c = comparison
-    in_a = np.array([h in set(c.top_a) for h in c.heads])
-    in_b = np.array([h in set(c.top_b) for h in c.heads])
-    fig, ax = plt.subplots(figsize=(5.6, 5.2))
-    groups = [(~in_a & ~in_b, "#b0b0b0", "other heads"), (in_a & ~in_b, "#1f77b4", f"top-{c.k} of A only"),
-              (~in_a & in_b, "#ff7f0e", f"top-{c.k} of B only"), (in_a & in_b, "#2ca02c", f"top-{c.k} of both")]
-    for mask, color, name in groups:
-        if mask.any():
-            ax.scatter(c.scores_a[mask], c.scores_b[mask], s=18, color=color, alpha=0.8,
-                       label=f"{name} ({int(mask.sum())})")
-    limit = max(float(c.scores_a.max(initial=0)), float(c.scores_b.max(initial=0)), 1e-3) * 1.08
-    ax.plot([0, limit], [0, limit], color="#666666", lw=0.8, ls="--")
-    ax.set_xlim(-0.02 * limit, limit)
-    ax.set_ylim(-0.02 * limit, limit)
-    best = sorted(range(len(c.heads)), key=lambda i: -(c.scores_a[i] + c.scores_b[i]))[:annotate]
-    for i in best:
-        if c.scores_a[i] + c.scores_b[i] > 0:
-            ax.annotate(head_key(*c.heads[i]), (c.scores_a[i], c.scores_b[i]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel(f"A: {c.labels[0]} (mean retrieval score)")
-    ax.set_ylabel(f"B: {c.labels[1]} (mean retrieval score)")
-    stats = [f"top-{c.k} overlap: {len(c.overlap)} (Jaccard {c.jaccard:.2f})" if c.jaccard is not None
-             else f"top-{c.k} overlap: no scoring heads"]
-    if c.spearman is not None:
-        stats.append(f"Spearman {c.spearman:.2f}, Pearson {c.pearson:.2f}")
-    stats.append(f"counted trials: A {c.trials[0]}, B {c.trials[1]}")
-    ax.text(0.02, 0.98, "\n".join(stats), transform=ax.transAxes, va="top", fontsize=8,
-            bbox=dict(boxstyle="round", facecolor="white", alpha=0.85, edgecolor="#cccccc"))
-    ax.legend(loc="lower right", fontsize=7)
-    ax.set_title(title or "retrieval heads compared", fontsize=10)
-    fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.stem + ".partial" + output.suffix)
-    fig.savefig(partial, dpi=110)
-    plt.close(fig)
-    partial.replace(output)
-    return output
-
-
 def write_comparison(comparison: Comparison, output: str | Path) -> Path:
     """The comparison's numbers as JSON (atomic)."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    partial.write_text(json.dumps(comparison.to_dict(), indent=2), encoding="utf-8")
-    partial.replace(output)
-    return output
+    return write_json(output, comparison.to_dict())

@@ -147,7 +147,8 @@ def run_tree_ppl(config: ReproduceConfig, out: Path) -> dict:
 
 def run_attention_maps(config: ReproduceConfig, out: Path) -> dict:
     """The top retrieval head on a needle sentence, before and after masking the top-K heads (uniform)."""
-    from .attention_maps import attention_maps, plot_comparison, plot_layer
+    from .attention_maps import attention_maps
+    from .plots import plot_layer, plot_map_comparison
     from .heads import load_head_scores, rank_heads, select_heads
     from .loading import load_model
     from .masking import mask_heads
@@ -164,7 +165,7 @@ def run_attention_maps(config: ReproduceConfig, out: Path) -> dict:
     with mask_heads(model, heads, mode="uniform"):
         after, _ = attention_maps(model, tokenizer, text, [layer])
     plot_layer(before, tokens, layer, target / f"layer{layer}.png")
-    plot_comparison(before, after, tokens, layer, head, target / f"compare_layer{layer}_head{head}.png",
+    plot_map_comparison(before, after, tokens, layer, head, target / f"compare_layer{layer}_head{head}.png",
                     ("unmasked", f"top-{config.top_k} masked (uniform)"))
     summary = {"layer": layer, "head": head, "score": score, "tokens": len(tokens),
                "figures": [f"layer{layer}.png", f"compare_layer{layer}_head{head}.png"]}

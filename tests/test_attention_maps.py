@@ -8,14 +8,8 @@ from PIL import Image
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from selective_attention import mask_heads
-from selective_attention.attention_maps import (
-    attention_maps,
-    plot_average,
-    plot_comparison,
-    plot_head_across_layers,
-    plot_layer,
-    record_attention,
-)
+from selective_attention.attention_maps import attention_maps, record_attention
+from selective_attention.plots import plot_average, plot_head_across_layers, plot_layer, plot_map_comparison
 
 from .conftest import build_tiny, tiny_llama_config
 
@@ -94,14 +88,14 @@ def test_plots_open_with_labelled_axes(tmp_path):
     paths = [plot_layer(maps, tokens, 0, tmp_path / "layer0.png"),
              plot_head_across_layers(maps, tokens, 1, tmp_path / "head1.png"),
              plot_average(maps, tokens, tmp_path / "mean.png"),
-             plot_comparison(maps, {k: v.flip(-1) for k, v in maps.items()}, tokens, 1, 0, tmp_path / "cmp.png")]
+             plot_map_comparison(maps, {k: v.flip(-1) for k, v in maps.items()}, tokens, 1, 0, tmp_path / "cmp.png")]
     for path in paths:
         with Image.open(path) as image:
             assert image.size[0] > 300 and image.size[1] > 200
     import matplotlib.pyplot as plt
 
     figure, ax = plt.subplots()
-    from selective_attention.attention_maps import _draw, _printable
+    from selective_attention.plots.attention import _draw, _printable
 
     _draw(ax, maps[0][0], tokens, "t")
     assert ax.get_xlabel() == "key" and ax.get_ylabel() == "query"
@@ -145,7 +139,7 @@ def test_cli_refuses_a_bad_mask_before_writing_anything(embedded_model_dir, tmp_
 
 def test_recording_keeps_the_tree_kernel_running():
     """Maps of a tree-kernel model come from its own (approximated) forward: recording must not swap in SDPA."""
-    from selective_attention.attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
+    from selective_attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
 
     model = build_tiny(tiny_llama_config())
     text = "a needle in a haystack is hard to find, harder still when the hay is long and the needle short " * 2

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
-from ..attention_maps import attention_maps, plot_average, plot_comparison, plot_head_across_layers, plot_layer
+from ..tree_kernel import TreeKernelConfig, configure_tree_kernel
+from ..attention_maps import attention_maps
+from ..plots import plot_average, plot_head_across_layers, plot_layer, plot_map_comparison
 from ..heads import model_head_scores, select_heads
 from ..loading import load_model
 from ..masking import mask_heads, text_config
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if after is not None:
         written += _draw_all(after, tokens, layers, _ints(args.heads), args.head, args.out / "after", f"({label})")
         for layer in layers:
-            written.append(plot_comparison(before, after, tokens, layer, args.head,
+            written.append(plot_map_comparison(before, after, tokens, layer, args.head,
                                            args.out / f"compare_layer{layer}_head{args.head}.png", ("before", label)))
 
     tensors = {f"before.layer{layer}": before[layer].contiguous() for layer in layers}

@@ -19,7 +19,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..compare import compare_head_scores, plot_comparison, write_comparison
+    from ..compare import compare_head_scores, write_comparison
+    from ..plots import plot_score_comparison
 
     labels = None
     if args.labels:
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
         if len(labels) != 2:
             raise ValueError(f"--labels needs two comma-separated labels, got {args.labels!r}")
     comparison = compare_head_scores(args.a, args.b, k=args.k, labels=labels)
-    plot_comparison(comparison, args.output, title=args.title)
+    plot_score_comparison(comparison, args.output, title=args.title)
     if args.json:
         write_comparison(comparison, args.json)
     data = comparison.to_dict()

@@ -8,13 +8,14 @@ For FAVOR+ it also prints the closed form Var/E^2 = (2/R)(cosh(|q+k|^2 / sqrt d)
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from pathlib import Path
 
 import torch
 
-from ..attention.feature_maps import FEATURE_MAPS, favor_relative_variance, feature_map, random_features
+from ..tree_kernel.feature_maps import FEATURE_MAPS, favor_relative_variance, feature_map, random_features
+from ..io import write_json
+from ..plots.kernels import plot_kernel_estimates
 
 
 def add_parser(subparsers) -> None:
@@ -65,34 +66,15 @@ def analyse(method: str, d: int, rows: int, orthogonal: bool, q_norm: float, k_n
 
 
 def run(args: argparse.Namespace) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cosines = torch.linspace(-1, 1, args.points).tolist()
     results = {m: analyse(m, args.d, args.R, args.orthogonal, args.query_norm, args.key_norm, args.scaling, cosines,
                           args.trials, args.seed) for m in args.methods}
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dict(settings=vars(args) | {"func": None}, results=results), indent=2, default=str))
-    tmp.replace(output.with_suffix(".json"))
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    for axis, method in zip(axes.flat, args.methods):
-        r = results[method]
-        axis.plot(cosines, r["exact"], "k--", label="exact exp(q.k/sqrt d)")
-        axis.plot(cosines, r["mean"], label="mean estimate")
-        axis.fill_between(cosines, [m - s for m, s in zip(r["mean"], r["std"])],
-                          [m + s for m, s in zip(r["mean"], r["std"])], alpha=0.3, label="+-1 std")
-        axis.set_yscale("symlog")
-        axis.set_title(f"{method} (std/mean at cos=1: {r['ratio'][-1]:.3g})")
-        axis.set_xlabel("cosine(q, k)")
-        axis.legend(fontsize=7)
-    fig.suptitle(f"d={args.d} R={args.R} |q|={args.query_norm} |k|={args.key_norm} orthogonal={args.orthogonal}")
-    fig.tight_layout()
-    fig.savefig(output.with_suffix(".png"), dpi=110)
-    plt.close(fig)
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
+                if key != "func"}
+    write_json(output.with_suffix(".json"), dict(settings=settings, results=results))
+    plot_kernel_estimates(results, cosines, args.methods, output.with_suffix(".png"),
+                          f"d={args.d} R={args.R} |q|={args.query_norm} |k|={args.key_norm} orthogonal={args.orthogonal}")
     lines = []
     for method, r in results.items():
         for target in (-1.0, 0.0, 1.0):
