@@ -14,6 +14,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Union
 
+from .io import write_text
+
 Head = tuple[int, int]
 HeadSpec = Union[str, Iterable[Union[str, tuple[int, int], list[int]]]]
 
@@ -109,13 +111,9 @@ def load_sidecar(path: str | Path) -> dict | None:
 def save_head_scores(path: str | Path, scores: HeadScores, meta: dict | None = None) -> None:
     """Write scores (and the sidecar) atomically: an interrupted write never truncates an existing file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     for target, payload in ((path, scores), (sidecar_path(path), meta)):
-        if payload is None:
-            continue
-        partial = target.with_name(target.name + ".partial")
-        partial.write_text(json.dumps(payload, indent=None if target == path else 2), encoding="utf-8")
-        partial.replace(target)
+        if payload is not None:  # the Retrieval_Head layout: one line of JSON; the sidecar indented
+            write_text(target, json.dumps(payload, indent=None if target == path else 2))
 
 
 def check_head_scores(scores: HeadScores, num_layers: int, num_heads: int, meta: dict | None = None,

@@ -8,10 +8,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..heads import HeadScores, rank_heads
+from ..io import write_json, write_text
 
 
 def duo_pattern(scores: HeadScores, num_layers: int, num_heads: int, num_kv_heads: int, top: int) -> list[list[int]]:
@@ -39,13 +39,6 @@ def write_duo_pattern(path: str | Path, pattern: list[list[int]], sink_size: int
         raise ValueError(f"sink_size must be >= 0 and recent_size >= 1, got {sink_size} and {recent_size}")
     path = Path(path)
     tsv = path if path.suffix == ".tsv" else path / PATTERN_FILE
-    tsv.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(tsv, "".join("\t".join(str(v) for v in row) + "\n" for row in pattern))
-    _write_atomic(tsv.parent / CONFIG_FILE, json.dumps({"sink_size": sink_size, "recent_size": recent_size}) + "\n")
+    write_text(tsv, "".join("\t".join(str(v) for v in row) + "\n" for row in pattern))
+    write_json(tsv.parent / CONFIG_FILE, {"sink_size": sink_size, "recent_size": recent_size})
     return tsv
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
