@@ -23,7 +23,7 @@ from torch import nn
 import selective_attention  # noqa: F401
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from selective_attention.attention.tree_kernel import TreeKernelConfig, tree_attention
+from selective_attention.tree_kernel import TreeKernelConfig, tree_attention
 
 RESULTS = Path(__file__).parent / "results"
 

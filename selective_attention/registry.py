@@ -42,12 +42,14 @@ def flash_attn_available() -> bool:
 
 def register_all() -> None:
     """Register every attention function of the package (idempotent)."""
+    from . import tree_kernel
     from .attention import masked, record
 
     masked.register()
     record.register()
+    tree_kernel.register()
     # Optional modules register themselves when present (added by later features).
-    for module_name in ("probe", "tree_kernel", "headwise"):
+    for module_name in ("probe", "headwise"):
         try:
             module = __import__(f"selective_attention.attention.{module_name}", fromlist=["register"])
         except ModuleNotFoundError as error:

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from selective_attention import mask_heads
 from selective_attention.attention.probe import probing
-from selective_attention.attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
+from selective_attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
 from selective_attention.masking import attention_modules
 from selective_attention.modeling import cache_kwargs
 from selective_attention.needle.generate import greedy_decode

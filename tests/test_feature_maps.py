@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from selective_attention.attention.feature_maps import favor_relative_variance, feature_map, random_features
+from selective_attention.tree_kernel.feature_maps import favor_relative_variance, feature_map, random_features
 
 
 def test_draw_is_fixed_per_seed():

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, DynamicCache, MistralConfig
 
 from selective_attention.attention.probe import probing
-from selective_attention.attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
+from selective_attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
 from selective_attention.heads import load_sidecar
 from selective_attention.modeling import cache_kwargs
 from selective_attention.needle.detect import DetectConfig, detect, retrieval_scores

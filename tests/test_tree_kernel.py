@@ -7,9 +7,9 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from selective_attention import mask_heads
-from selective_attention.attention.tree_kernel import (METHODS, TreeKernelConfig, configure_tree_kernel,
+from selective_attention.tree_kernel import (METHODS, TreeKernelConfig, configure_tree_kernel,
                                                        tree_attention)
-from selective_attention.tree.levels import KeyTree
+from selective_attention.tree_kernel.key_tree import KeyTree
 
 from .conftest import build_tiny, tiny_llama_config
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from selective_attention.attention.tree_kernel import TreeKernelConfig, tree_attention
+from selective_attention.tree_kernel import TreeKernelConfig, tree_attention
 
 from .common import Suite, check, median_ms, synchronize
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import assets
-from ..attention.tree_kernel import SEED_METHODS, TreeKernelConfig, configure_tree_kernel
+from ..tree_kernel import SAMPLED_METHODS, TreeKernelConfig, configure_tree_kernel
 from ..loading import load_model
 from . import add_model_arguments
 
@@ -31,14 +31,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dataset", default=None, help="HF dataset 'name[:config]:split:column' instead of --text")
     parser.add_argument("--context", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=2)
-    parser.add_argument("--seed-windows", type=int, default=None, help="windows for the (slow) seed methods")
-    parser.add_argument("--methods", nargs="+", default=["dense", "bound", "topk", *SEED_METHODS])
+    parser.add_argument("--sampled-windows", type=int, default=None, help="windows for the (slow) sampled methods")
+    parser.add_argument("--methods", nargs="+", default=["dense", "bound", "topk", *SAMPLED_METHODS])
     parser.add_argument("--exponents", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     parser.add_argument("--leaf-blocks", type=int, nargs="+", default=[16], help="bound: keys per leaf block")
     parser.add_argument("--descent", choices=["flat", "tree"], default="flat", help="bound: block selection")
     parser.add_argument("--sharing", choices=["per_head", "kv_group", "all"], default=None,
-                        help="heads that share one selection (default: per_head for bound/topk, all for seed)")
+                        help="heads that share one selection (default: per_head for bound/topk, all for sampled)")
     parser.add_argument("--estimates", nargs="+", default=["mean", "none"], help="bound: rest-mass estimate")
     parser.add_argument("--layers", default=None, help="comma-separated layers (default all)")
     parser.add_argument("--seed", type=int, default=0)
@@ -96,10 +96,10 @@ def configurations(args) -> list[tuple[str, dict]]:
         elif method == "topk":
             for fraction in args.fractions:
                 out.append((f"topk@{fraction}", dict(method="topk", fraction=fraction, sharing=args.sharing)))
-    # seed methods: every method at the first exponent before the next exponent, so a partial run covers all
+    # sampled methods: every method at the first exponent before the next exponent, so a partial run covers all
     for exponent in args.exponents:
         for method in args.methods:
-            if method in SEED_METHODS:
+            if method in SAMPLED_METHODS:
                 out.append((f"{method}@E={exponent}", dict(method=method, exponent=exponent, sharing=args.sharing)))
     return out
 
@@ -127,7 +127,7 @@ def plot(results: dict, path: Path) -> None:
         series.setdefault(family, []).append((x, row["ppl"], row["exact_fraction"], row["terms_fraction"]))
     for family, points in sorted(series.items()):
         points.sort()
-        axis = left if family in SEED_METHODS else right
+        axis = left if family in SAMPLED_METHODS else right
         line, = axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=family)
         twin = getattr(axis, "_twin", None) or axis.twinx()
         axis._twin = twin
@@ -141,7 +141,7 @@ def plot(results: dict, path: Path) -> None:
         axis.legend(fontsize=7)
         if getattr(axis, "_twin", None):
             axis._twin.set_ylabel("fraction of keys in softmax (dotted)")
-    left.set_title("seed methods")
+    left.set_title("sampled methods (originating paper)")
     right.set_title("bound (with / without rest estimate) vs top-k oracle")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     json_path = output.with_suffix(".json")
     saved = json.loads(json_path.read_text()) if json_path.exists() else {}
     settings = dict(model=args.model or "embedded SmolLM2-135M-Instruct", context=args.context, windows=args.windows,
-                    seed_windows=args.seed_windows or args.windows, layers=args.layers, text=args.text or "PG essays")
+                    sampled_windows=args.sampled_windows or args.windows, layers=args.layers, text=args.text or "PG essays")
     results = saved.get("results", {}) if saved.get("settings") == settings else {}
     for name, options in configurations(args):
         if name in results:
@@ -166,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         config = TreeKernelConfig(layers=layers, seed=args.seed, **options)
         configure_tree_kernel(model, config)
-        use = windows[:args.seed_windows] if (args.seed_windows and config.method in SEED_METHODS) else windows
+        use = windows[:args.sampled_windows] if (args.sampled_windows and config.method in SAMPLED_METHODS) else windows
         start = time.perf_counter()
         ppl, scored = perplexity(model, use)
         # dense runs plain SDPA (no statistics): it scores every key exactly

@@ -1,9 +1,9 @@
 """Feature maps that estimate the softmax kernel exp(q.k / sqrt d) from sums of per-key features.
 
-The tree kernel's seed methods score an unexpanded node from the *sum* of its keys' features, so the only maps
+The tree kernel's sampled methods score an unexpanded node from the *sum* of its keys' features, so the only maps
 that help are those with <phi(q), sum_k phi(k)> ~ sum_k kernel(q, k). All maps take inputs already divided by
-d^(1/4) (so that q.k / sqrt d = <q', k'>), and are drawn ONCE per (d, R, seed): the seed redrew its projection at
-every token, which made FAVOR+/RFF estimates uncorrelated with the alignment they were meant to track.
+d^(1/4) (so that q.k / sqrt d = <q', k'>), and are drawn ONCE per (d, R, seed): the originating code redrew its
+projection at every token, which made FAVOR+/RFF estimates uncorrelated with the alignment they were meant to track.
 """
 
 from __future__ import annotations

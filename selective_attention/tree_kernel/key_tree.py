@@ -21,9 +21,6 @@ from typing import Callable
 
 import torch
 
-STATS = ("ksum", "vsum", "kmin", "kmax", "kbox", "feat")
-
-
 def _combine(stat: str, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     if stat == "kmin":
         return torch.minimum(left, right)
