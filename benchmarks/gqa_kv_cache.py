@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from selective_attention.loading import load_model
-from selective_attention.modeling import cache_kwargs
+from selective_attention.modeling import cache_kwargs, output_cache
 from selective_attention.models.convert import calibration_token_ids, convert_model
 
 logger = logging.getLogger("gqa_kv_cache")
@@ -50,7 +50,7 @@ def measure(model, ids: torch.Tensor, decode_tokens: int) -> dict:
     start = time.perf_counter()
     output = model(ids, use_cache=True)
     prefill = time.perf_counter() - start
-    cache = output.cache
+    cache = output_cache(output)
     cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     heads = [layer.keys.shape[1] for layer in cache.layers]
     token = output.logits[:, -1:].argmax(-1)

@@ -225,13 +225,15 @@ def model_dir(root: Path | None = None, model: str | EmbeddedModel = DEFAULT_MOD
     if (target / COMPLETE_MARKER).exists():
         return target
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .modeling import gguf_dequantize_kwargs
 
     gguf = gguf_path(root, spec)
     logger.info("dequantizing %s into %s (once)", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+        gguf.parent, gguf_file=gguf.name, **gguf_dequantize_kwargs(), dtype=torch.float32
     )
     if hasattr(loaded.config, "quantization_config"):
         del loaded.config.quantization_config
