@@ -1,40 +1,32 @@
-"""MNLI fine-tuning recipe: Trainer + PEFT LoRA, driven by a YAML config.
+"""MNLI fine-tuning recipe: transformers.Trainer + peft LoRA, driven by a flat YAML config.
 
     accelerate launch --config_file recipes/accelerate/cpu.yaml recipes/mnli_finetune.py \
-        --config recipes/configs/smoke_cpu.yaml --output-dir runs/smoke --overwrite
+        --config recipes/configs/smoke_cpu.yaml --output_dir runs/smoke --overwrite
+
+Every key of the config is also a flag (`--num_train_epochs 1`, `--lora '{r: 4}'`, `--model DIR`), which
+overrides the file: the fields of ModelArguments, DataArguments, FinetuneArguments and TrainingArguments.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 
-from selective_attention.finetune import FinetuneConfig, load_config
-from selective_attention.finetune.train import run_finetune
+from selective_attention.recipes import FINETUNE_ARGUMENTS, command_line, run_finetune
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file with FinetuneConfig keys")
-    parser.add_argument("--output-dir", default=None, help="overrides output_dir of the config")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set training.epochs=1 (repeatable)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(FinetuneConfig, args.config, overrides)
-        metrics = run_finetune(config, overwrite=args.overwrite)
+        (model, data, recipe, training), options = command_line(FINETUNE_ARGUMENTS, argv, __doc__)
+        metrics = run_finetune(model, data, recipe, training, overwrite=options.overwrite)
     except (ValueError, FileNotFoundError) as error:
         logging.getLogger("recipes").error("%s", error)
         return 2
     summary = {stage: {split: round(m["accuracy"], 4) for split, m in metrics.get(stage, {}).items()}
                for stage in ("before", "after")}
-    print(json.dumps({"output_dir": config.output_dir, "accuracy": summary,
+    print(json.dumps({"output_dir": training.output_dir, "accuracy": summary,
                       "train_loss_first_last": [metrics["train"]["loss_history"][0]["loss"],
                                                 metrics["train"]["loss_history"][-1]["loss"]]}))
     return 0

@@ -13,11 +13,12 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .finetune.config import FinetuneConfig, MaskedEvalConfig, _build, to_dict
-from .finetune.io import write_json, write_text
+from .recipes import (FINETUNE_ARGUMENTS, MASKED_EVAL_ARGUMENTS, NEEDLE_ARGUMENTS, DataArguments, parse_config,
+                      run_finetune, run_masked_eval, run_needle_recipe)
+from .recipes.io import write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,10 @@ class ReproduceConfig:
     steps: list[str] = field(default_factory=lambda: list(STEPS))
     top_k: int = 20  #: K of the top/random/bottom masks
     mask_modes: list[str] = field(default_factory=lambda: ["zero", "uniform"])
-    retrieval: dict = field(default_factory=dict)  #: NeedleRecipeConfig fields (detect/needle grids, needles, ...)
-    finetune: dict = field(default_factory=dict)  #: FinetuneConfig fields shared by every variant
-    variants: list[dict] = field(default_factory=lambda: [{"name": "original"}])  #: name + FinetuneConfig overrides
-    masked_eval: dict = field(default_factory=dict)  #: MaskedEvalConfig fields (counts, mode, data, ...)
+    retrieval: dict = field(default_factory=dict)  #: needle recipe keys (detect_lengths, lengths, needles, ...)
+    finetune: dict = field(default_factory=dict)  #: fine-tuning recipe keys shared by every variant
+    variants: list[dict] = field(default_factory=lambda: [{"name": "original"}])  #: name + fine-tuning keys
+    masked_eval: dict = field(default_factory=dict)  #: masked-eval recipe keys (counts, mask_mode, ...)
     masked_eval_orders: list[str] = field(default_factory=lambda: ["bottom", "top"])
     tree_ppl: list[str] = field(default_factory=list)  #: extra `tree-ppl` CLI arguments
     attention_map_text: str | None = None
@@ -60,11 +61,8 @@ class ReproduceConfig:
 
 
 def load_reproduce_config(path: str | Path | None, overrides: dict | None = None) -> ReproduceConfig:
-    import yaml
-
-    values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) if path else {}
-    values = {**(values or {}), **(overrides or {})}
-    return _build(ReproduceConfig, values, "")
+    (config,) = parse_config((ReproduceConfig,), path, values=overrides)
+    return config
 
 
 def _done(path: Path) -> bool:
@@ -80,8 +78,6 @@ def _timed(timings: dict, name: str, function, *args, **kwargs):
 
 
 def run_retrieval(config: ReproduceConfig, out: Path) -> list[dict]:
-    from .finetune.needle_recipe import NeedleRecipeConfig, run_needle_recipe
-
     k = config.top_k
     summaries = []
     scores_path = out / "retrieval" / "zero" / "head_scores.json"
@@ -93,13 +89,12 @@ def run_retrieval(config: ReproduceConfig, out: Path) -> list[dict]:
             values["head_scores"] = str(scores_path)
         else:
             scores_path = out / "retrieval" / mode / "head_scores.json"
-        summaries.append(run_needle_recipe(_build(NeedleRecipeConfig, values, "retrieval"), progress=True))
+        (needle_config,) = parse_config(NEEDLE_ARGUMENTS, values=values)
+        summaries.append(run_needle_recipe(needle_config, progress=True))
     return summaries
 
 
 def run_finetunes(config: ReproduceConfig, out: Path) -> dict[str, dict]:
-    from .finetune.train import run_finetune
-
     results = {}
     for variant in config.variants:
         name = variant["name"]
@@ -109,13 +104,11 @@ def run_finetunes(config: ReproduceConfig, out: Path) -> dict[str, dict]:
             continue
         values = {**config.finetune, **{k: v for k, v in variant.items() if k != "name"},
                   "output_dir": str(run_dir), "model": config.model, "seed": config.seed}
-        results[name] = run_finetune(_build(FinetuneConfig, values, f"variants.{name}"), overwrite=True)
+        results[name] = run_finetune(*parse_config(FINETUNE_ARGUMENTS, values=values), overwrite=True)
     return results
 
 
 def run_masked_evals(config: ReproduceConfig, out: Path) -> dict[str, dict]:
-    from .finetune.masked_eval import run_masked_eval
-
     results = {}
     original = out / "finetune" / config.variants[0]["name"]
     for order in config.masked_eval_orders:
@@ -123,13 +116,14 @@ def run_masked_evals(config: ReproduceConfig, out: Path) -> dict[str, dict]:
         values = {**config.masked_eval, "output_dir": str(run_dir), "order": order, "seed": config.seed,
                   "head_scores": str(out / "retrieval" / config.mask_modes[0] / "head_scores.json"),
                   "model": str(original) if (original / "metrics.json").exists() else config.model}
-        values.setdefault("data", config.finetune.get("data", {}))
-        eval_config = _build(MaskedEvalConfig, values, "masked_eval")
+        data_keys = {spec.name for spec in fields(DataArguments)}  # the fine-tuning run's subsets
+        values = {**{k: v for k, v in config.finetune.items() if k in data_keys}, **values}
+        model_args, data, sweep = parse_config(MASKED_EVAL_ARGUMENTS, values=values)
         saved = run_dir / "masked_eval.json"
-        if saved.exists() and len(json.loads(saved.read_text())["rows"]) == len(eval_config.counts):
+        if saved.exists() and len(json.loads(saved.read_text())["rows"]) == len(sweep.counts):
             results[order] = json.loads(saved.read_text())
             continue
-        results[order] = run_masked_eval(eval_config, overwrite=True)
+        results[order] = run_masked_eval(model_args, data, sweep, overwrite=True)
     return results
 
 
@@ -177,7 +171,7 @@ def reproduce(config: ReproduceConfig) -> Path:
     """Run the configured steps into `config.output_dir`, then write `index.md`; returns the index path."""
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", to_dict(config))
+    write_json(out / "config.json", asdict(config))
     timings_path = out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     started = time.perf_counter()
@@ -274,7 +268,8 @@ def _finetune_section(out: Path, config: dict, img) -> list[str]:
         metrics = _read(out / "finetune" / variant["name"] / "metrics.json")
         if metrics is None:
             continue
-        convert = variant.get("convert") or {}
+        convert = ({"kv_heads": variant["convert_kv_heads"], "method": variant.get("convert_method", "mean")}
+                   if variant.get("convert_kv_heads") else {})
         conversion = _read(out / "finetune" / variant["name"] / "converted" / "conversion_report.json") or {}
         changed = [layer["error"] for layer in conversion.get("layers", []) if layer.get("method") != "keep"]
         error = max(changed) if changed else None

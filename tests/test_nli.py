@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 
-from selective_attention import nli
-from selective_attention.nli import INVALID, NLIExample, classification_metrics, parse_label
+from selective_attention.recipes import nli, nli_data
+from selective_attention.recipes.arguments import DataArguments
+from selective_attention.recipes.nli import INVALID, NLIExample, classification_metrics, parse_label
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -49,7 +49,7 @@ def test_label_id_accepts_names_and_ids_and_names_bad_values():
 
 
 def test_bundled_sample_file_is_balanced_and_valid():
-    examples = nli.load_file(nli.sample_file())
+    examples = nli_data.load_file(nli_data.sample_file())
     assert len(examples) >= 36
     assert Counter(e.label for e in examples) == {0: len(examples) // 3, 1: len(examples) // 3, 2: len(examples) // 3}
     assert len({e.id for e in examples}) == len(examples)
@@ -62,7 +62,7 @@ def test_local_files_jsonl_json_csv_agree(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps({"data": rows}))
     (tmp_path / "d.csv").write_text("premise,hypothesis,label\nA cat sleeps.,An animal rests.,entailment\n"
                                     "A cat sleeps.,The cat runs.,2\n")
-    loaded = [nli.load_file(tmp_path / name) for name in ("d.jsonl", "d.json", "d.csv")]
+    loaded = [nli_data.load_file(tmp_path / name) for name in ("d.jsonl", "d.json", "d.csv")]
     for examples in loaded:
         assert [(e.premise, e.hypothesis, e.label) for e in examples] == [
             ("A cat sleeps.", "An animal rests.", 0), ("A cat sleeps.", "The cat runs.", 2)]
@@ -72,20 +72,20 @@ def test_missing_field_and_unknown_label_are_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"premise": "p", "label": "neutral"}) + "\n")
     with pytest.raises(ValueError, match="lacks field.*hypothesis"):
-        nli.load_file(path)
+        nli_data.load_file(path)
     path.write_text(json.dumps({"premise": "p", "hypothesis": "h", "label": "maybe"}) + "\n")
     with pytest.raises(ValueError, match="unknown label 'maybe'.*example 0"):
-        nli.load_file(path)
+        nli_data.load_file(path)
     with pytest.raises(FileNotFoundError):
-        nli.load_file(tmp_path / "missing.jsonl")
+        nli_data.load_file(tmp_path / "missing.jsonl")
     (tmp_path / "x.parquet").write_text("")
     with pytest.raises(ValueError, match="unsupported data file type"):
-        nli.load_file(tmp_path / "x.parquet")
+        nli_data.load_file(tmp_path / "x.parquet")
 
 
 def test_mnli_unlabeled_rows_are_dropped():
     rows = [{"premise": "p", "hypothesis": "h", "label": -1}, {"premise": "p", "hypothesis": "h", "label": 1}]
-    assert [e.label for e in nli.examples_from_rows(rows)] == [1]
+    assert [e.label for e in nli_data.examples_from_rows(rows)] == [1]
 
 
 def _pool(prefix: str, n: int) -> list[NLIExample]:
@@ -95,25 +95,24 @@ def _pool(prefix: str, n: int) -> list[NLIExample]:
 def test_sample_splits_are_seeded_disjoint_and_stable():
     pools = {"val": _pool("val", 40), "train": _pool("train", 30)}
     requests = [("train", "train", 10), ("eval", "val", 8), ("test", "val", 12)]
-    first = nli.sample_splits(pools, requests, seed=3)
-    again = nli.sample_splits(pools, requests, seed=3)
-    other = nli.sample_splits(pools, requests, seed=4)
+    first = nli_data.sample_splits(pools, requests, seed=3)
+    again = nli_data.sample_splits(pools, requests, seed=3)
+    other = nli_data.sample_splits(pools, requests, seed=4)
     assert first == again and first != other
     assert not {e.id for e in first["eval"]} & {e.id for e in first["test"]}
-    grown = nli.sample_splits(pools, [("train", "train", 10), ("eval", "val", 8), ("test", "val", 30)], seed=3)
+    grown = nli_data.sample_splits(pools, [("train", "train", 10), ("eval", "val", 8), ("test", "val", 30)], seed=3)
     assert grown["eval"] == first["eval"] and grown["test"][:12] == first["test"]
-    rest = nli.sample_splits(pools, [("eval", "val", 8), ("test", "val", None)], seed=3)
+    rest = nli_data.sample_splits(pools, [("eval", "val", 8), ("test", "val", None)], seed=3)
     assert len(rest["test"]) == 32
     with pytest.raises(ValueError, match="only 32 are left"):
-        nli.sample_splits(pools, [("eval", "val", 8), ("test", "val", 33)], seed=3)
+        nli_data.sample_splits(pools, [("eval", "val", 8), ("test", "val", 33)], seed=3)
 
 
-def _data(**overrides):
-    settings = dict(dataset="nyu-mll/multi_nli", train_file=None, eval_file=None, test_file=None, train_split="train",
-                    eval_split="validation_matched", test_split="validation_matched", train_size=5, eval_size=4,
-                    test_size=6, max_length=128)
+def _data(**overrides) -> DataArguments:
+    settings = dict(dataset="nyu-mll/multi_nli", train_split="train", eval_split="validation_matched",
+                    test_split="validation_matched", train_size=5, eval_size=4, test_size=6, max_length=128)
     settings.update(overrides)
-    return SimpleNamespace(**settings)
+    return DataArguments(**settings)
 
 
 def test_run_splits_from_hub_use_the_named_splits(monkeypatch):
@@ -123,8 +122,8 @@ def test_run_splits_from_hub_use_the_named_splits(monkeypatch):
         calls.append((dataset, split))
         return _pool(split, 20)
 
-    monkeypatch.setattr(nli, "load_hub_split", fake)
-    splits = nli.load_run_splits(_data(), seed=0)
+    monkeypatch.setattr(nli_data, "load_hub_split", fake)
+    splits = nli_data.load_run_splits(_data(), seed=0)
     assert sorted(calls) == [("nyu-mll/multi_nli", "train"), ("nyu-mll/multi_nli", "validation_matched")]
     assert all(e.id.startswith("train-") for e in splits["train"])
     assert all(e.id.startswith("validation_matched-") for e in splits["eval"] + splits["test"])
@@ -133,7 +132,7 @@ def test_run_splits_from_hub_use_the_named_splits(monkeypatch):
 
 
 def test_run_splits_from_one_file_are_disjoint():
-    splits = nli.load_run_splits(_data(dataset="sample", train_size=20, eval_size=10, test_size=None), seed=1)
+    splits = nli_data.load_run_splits(_data(dataset="sample", train_size=20, eval_size=10, test_size=None), seed=1)
     ids = [{e.id for e in splits[name]} for name in ("train", "eval", "test")]
     assert [len(s) for s in ids] == [20, 10, 18]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])

@@ -1,4 +1,4 @@
-"""Recipes: YAML configs, output-dir safety, Trainer+PEFT fine-tuning (both heads), masked-head evaluation and
+"""Recipes: flat YAML configs parsed by HfArgumentParser (flags override), output-dir safety, Trainer+PEFT fine-tuning (both heads), masked-head evaluation and
 the CPU smoke run through `accelerate launch` (tiny random Llama with the embedded tokenizer; one slow test on
 the embedded SmolLM2 checks that the loss goes down)."""
 
@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from selective_attention import nli
-from selective_attention.finetune import FinetuneConfig, MaskedEvalConfig, load_config
-from selective_attention.finetune.io import prepare_output_dir
-from selective_attention.finetune.masked_eval import heads_for_count, run_masked_eval
-from selective_attention.finetune.train import run_finetune
 from selective_attention.heads import save_head_scores, select_heads
+from selective_attention.recipes import (FINETUNE_ARGUMENTS, MASKED_EVAL_ARGUMENTS, NEEDLE_ARGUMENTS, command_line, nli,
+                                         parse_config, run_finetune, run_masked_eval)
+from selective_attention.recipes.io import prepare_output_dir
+from selective_attention.recipes.masked_eval import heads_for_count
 
 from .conftest import build_tiny, tiny_llama_config
 
@@ -42,33 +41,42 @@ def tiny_model_dir(tmp_path_factory, embedded_model_dir):
     return path
 
 
-def tiny_run(tmp_path, model_dir, **values) -> FinetuneConfig:
-    settings = {"data": {"dataset": "sample", "train_size": 8, "eval_size": 4, "test_size": 4, "max_length": 160},
-                "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-                "training": {"epochs": 1, "batch_size": 4, "eval_batch_size": 4, "logging_steps": 1,
-                             "learning_rate": 1e-3},
-                "max_new_tokens": 3}
+def tiny_run(tmp_path, model_dir, **values) -> tuple:
+    """(ModelArguments, DataArguments, FinetuneArguments, TrainingArguments) for the tiny model, over smoke_cpu.yaml."""
+    settings = {"model": str(model_dir), "output_dir": str(tmp_path / "run"),
+                "dataset": "sample", "train_size": 8, "eval_size": 4, "test_size": 4, "max_length": 160,
+                "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+                "num_train_epochs": 1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
+                "logging_steps": 1, "learning_rate": 1e-3, "max_new_tokens": 3}
     settings.update(values)
-    return load_config(FinetuneConfig, SMOKE, [f"model={model_dir}", f"output_dir={tmp_path / 'run'}"],
-                       values=settings)
+    return parse_config(FINETUNE_ARGUMENTS, SMOKE, values=settings)
 
 
 # --- configs ------------------------------------------------------------------------------------------------------
 
 
-def test_repo_configs_load():
-    from selective_attention.finetune.needle_recipe import NeedleRecipeConfig
+def _gpu_free(path: Path) -> dict:
+    """TrainingArguments refuses bf16 at construction on a machine without a GPU: parse GPU configs as fp32 there."""
+    import torch
 
+    return {"bf16": False} if "bf16: true" in path.read_text() and not torch.cuda.is_available() else {}
+
+
+def test_repo_configs_load():
     paths = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
     assert len(paths) >= 8
     for path in paths:
-        cls = (MaskedEvalConfig if "masked" in path.name else NeedleRecipeConfig if "needle" in path.name
-               else FinetuneConfig)
-        assert load_config(cls, path).output_dir
-    seed = load_config(FinetuneConfig, ROOT / "recipes" / "configs" / "llama32_1b_mnli.yaml")
-    assert (seed.lora.r, seed.lora.alpha, seed.data.train_size, seed.training.epochs, seed.data.eval_size) == \
-        (32, 16, 500, 3, 50)
-    assert len(seed.lora.target_modules) == 7
+        types = (MASKED_EVAL_ARGUMENTS if "masked" in path.name else NEEDLE_ARGUMENTS if "needle" in path.name
+                 else FINETUNE_ARGUMENTS)
+        parsed = parse_config(types, path, values=_gpu_free(path))
+        assert parsed[-1].output_dir
+    path = ROOT / "recipes" / "configs" / "llama32_1b_mnli.yaml"
+    _, data, recipe, training = parse_config(FINETUNE_ARGUMENTS, path, values=_gpu_free(path))
+    assert (recipe.lora["r"], recipe.lora["lora_alpha"], data.train_size, training.num_train_epochs,
+            data.eval_size) == (32, 16, 500, 3, 50)
+    assert len(recipe.lora["target_modules"]) == 7
+    lora = recipe.lora_config("classification")  # peft's own config, not a copy of its fields
+    assert (lora.r, lora.lora_alpha, lora.task_type, lora.modules_to_save) == (32, 16, "SEQ_CLS", ["score"])
 
 
 def test_accelerate_configs_are_valid_for_accelerate():
@@ -80,37 +88,47 @@ def test_accelerate_configs_are_valid_for_accelerate():
                      "deepspeed_zero2": "DEEPSPEED"}
 
 
-def test_unknown_config_keys_are_named(tmp_path):
+def test_unknown_config_keys_are_named(tmp_path, capsys):
     path = tmp_path / "c.yaml"
-    path.write_text("output_dir: x\nlearning_rate: 0.1\n")
-    with pytest.raises(ValueError, match="unknown config key.*learning_rate.*known keys"):
-        load_config(FinetuneConfig, path)
-    path.write_text("output_dir: x\ntraining:\n  epoch: 3\n")
-    with pytest.raises(ValueError, match=r"training\.epoch\b.*known keys in training: .*epochs"):
-        load_config(FinetuneConfig, path)
+    path.write_text("output_dir: x\nlearning_rat: 0.1\n")
+    with pytest.raises(ValueError, match="unknown config key.*learning_rat .*did you mean learning_rate.*known keys"):
+        parse_config(FINETUNE_ARGUMENTS, path)
+    path.write_text("output_dir: x\nnum_train_epoch: 3\n")
+    with pytest.raises(ValueError, match=r"num_train_epoch\b.*did you mean num_train_epochs"):
+        parse_config(FINETUNE_ARGUMENTS, path)
     path.write_text("model: x\n")
     with pytest.raises(ValueError, match="lacks required key.*output_dir"):
-        load_config(FinetuneConfig, path)
+        parse_config(FINETUNE_ARGUMENTS, path)
     path.write_text("output_dir: x\nhead: regression\n")
     with pytest.raises(ValueError, match="unknown head 'regression'"):
-        load_config(FinetuneConfig, path)
+        parse_config(FINETUNE_ARGUMENTS, path)
+    path.write_text("output_dir: x\nlora: {r: 4, alpha: 8}\n")
+    with pytest.raises(ValueError, match="lora: .*'alpha'"):
+        parse_config(FINETUNE_ARGUMENTS, path)
     with pytest.raises(FileNotFoundError):
-        load_config(FinetuneConfig, tmp_path / "none.yaml")
-    with pytest.raises(ValueError, match="malformed override"):
-        load_config(FinetuneConfig, SMOKE, ["training.epochs"])
+        parse_config(FINETUNE_ARGUMENTS, tmp_path / "none.yaml")
+    for argv in (["--num_train_epochs"], ["--epochs", "1"], ["--head", "regression"]):  # argparse: exit 2, named
+        with pytest.raises(SystemExit):
+            command_line(FINETUNE_ARGUMENTS, ["--config", str(SMOKE), *argv])
+        assert argv[0] in capsys.readouterr().err
 
 
-def test_overrides_relative_files_and_convert_section(tmp_path):
+def test_overrides_relative_files_and_convert_keys(tmp_path):
     (tmp_path / "d.jsonl").write_text("")
     path = tmp_path / "c.yaml"
-    path.write_text("output_dir: out\ndata:\n  train_file: d.jsonl\nconvert:\n  kv_heads: '29:1'\n")
-    config = load_config(FinetuneConfig, path, ["training.epochs=2", "lora.target_modules=[q_proj]", "seed=7"])
-    assert config.training.epochs == 2 and config.lora.target_modules == ["q_proj"] and config.seed == 7
-    assert config.data.train_file == str(tmp_path / "d.jsonl")
-    assert config.convert.kv_heads == "29:1" and config.convert.method == "mean"
-    path.write_text("output_dir: out\nconvert:\n  kv_heads: 1\n  grouping: x\n")
-    with pytest.raises(ValueError, match="convert.grouping"):
-        load_config(FinetuneConfig, path)
+    path.write_text("output_dir: out\ntrain_file: d.jsonl\nconvert_kv_heads: '29:1'\n"
+                    "lora: {r: 8, target_modules: [q_proj, v_proj]}\n")
+    (_, data, recipe, training), options = command_line(FINETUNE_ARGUMENTS, [
+        "--config", str(path), "--num_train_epochs", "2", "--lora", "{target_modules: [q_proj]}", "--seed", "7",
+        "--output-dir", str(tmp_path / "elsewhere"), "--overwrite"])
+    assert training.num_train_epochs == 2 and recipe.lora["target_modules"] == ["q_proj"] and training.seed == 7
+    assert recipe.lora["r"] == 8 and recipe.lora["lora_alpha"] == 16  # config file, then the default mapping
+    assert training.output_dir == str(tmp_path / "elsewhere") and options.overwrite
+    assert data.train_file == str(tmp_path / "d.jsonl")
+    assert recipe.convert_kv_heads == "29:1" and recipe.convert_method == "mean"
+    path.write_text("output_dir: out\nconvert_kv_heads: 1\nconvert_grouping: x\n")
+    with pytest.raises(ValueError, match="convert_grouping"):
+        parse_config(FINETUNE_ARGUMENTS, path)
 
 
 def test_output_dir_is_never_clobbered(tmp_path):
@@ -140,8 +158,8 @@ def _predictions(path: Path) -> list[dict]:
 
 def test_generative_run_writes_adapter_metrics_and_real_predictions(tmp_path, tiny_model_dir):
     config = tiny_run(tmp_path, tiny_model_dir, masked_heads=["0-1", "1-3"], mask_mode="uniform")
-    metrics = run_finetune(config)
-    out = Path(config.output_dir)
+    metrics = run_finetune(*config)
+    out = Path(config[-1].output_dir)
     assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "adapter" / "adapter_config.json").exists()
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["after"]["test"]["accuracy"] == metrics["after"]["test"]["accuracy"]
@@ -157,21 +175,20 @@ def test_generative_run_writes_adapter_metrics_and_real_predictions(tmp_path, ti
     assert "before" in saved and saved["parameters"]["trainable"] < saved["parameters"]["total"]
     assert saved["masked_heads"] == ["0-1", "1-3"] and saved["mask_mode"] == "uniform"
     with pytest.raises(ValueError, match="already exists"):
-        run_finetune(config)
+        run_finetune(*config)
 
 
 def test_loss_goes_down_on_a_repeated_batch(tmp_path, tiny_model_dir):
-    config = tiny_run(tmp_path, tiny_model_dir, evaluate_before=False,
-                      data={"dataset": "sample", "train_size": 4, "eval_size": 0, "test_size": 2, "max_length": 160},
-                      training={"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "logging_steps": 1})
-    losses = [row["loss"] for row in run_finetune(config)["train"]["loss_history"]]
+    config = tiny_run(tmp_path, tiny_model_dir, evaluate_before=False, train_size=4, eval_size=0, test_size=2,
+                      eval_strategy="no", max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2)
+    losses = [row["loss"] for row in run_finetune(*config)["train"]["loss_history"]]
     assert len(losses) == 6 and losses[-1] < losses[0] - 0.2, losses
 
 
 def test_classification_head_trains_lora_and_score(tmp_path, tiny_model_dir):
     config = tiny_run(tmp_path, tiny_model_dir, head="classification", merge=True, evaluate_before=False)
-    metrics = run_finetune(config)
-    out = Path(config.output_dir)
+    metrics = run_finetune(*config)
+    out = Path(config[-1].output_dir)
     with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as handle:
         keys = list(handle.keys())
     assert any("score" in key for key in keys) and any("lora_A" in key for key in keys)
@@ -182,15 +199,15 @@ def test_classification_head_trains_lora_and_score(tmp_path, tiny_model_dir):
 
 
 def test_convert_then_finetune(tmp_path, tiny_model_dir):
-    """The `convert` section runs selective_attention.models.convert first and fine-tunes the converted model."""
-    config = tiny_run(tmp_path, tiny_model_dir, evaluate_before=False, convert={"kv_heads": "1:1", "method": "mean",
-                                                                                 "calibration_tokens": 64},
-                      training={"max_steps": 1, "batch_size": 4})
-    metrics = run_finetune(config)
-    converted = json.loads((Path(config.output_dir) / "converted" / "config.json").read_text())
+    """`convert_kv_heads` runs selective_attention.models.convert first and fine-tunes the converted model."""
+    config = tiny_run(tmp_path, tiny_model_dir, evaluate_before=False, convert_kv_heads="1:1", convert_method="mean",
+                      convert_calibration_tokens=64, max_steps=1, per_device_train_batch_size=4)
+    metrics = run_finetune(*config)
+    out = Path(config[-1].output_dir)
+    converted = json.loads((out / "converted" / "config.json").read_text())
     assert converted["model_type"] == "selective_llama" and converted["num_key_value_heads_per_layer"] == [2, 1]
     assert converted["conversion"]["method"] == "mean"
-    adapter = json.loads((Path(config.output_dir) / "adapter" / "adapter_config.json").read_text())
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"].endswith("converted")
     assert metrics["converted"].endswith("converted") and metrics["after"]["test"]["count"] == 4
 
@@ -198,10 +215,17 @@ def test_convert_then_finetune(tmp_path, tiny_model_dir):
 def test_bad_data_fails_before_loading_a_model(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"premise": "p", "hypothesis": "h", "label": "unsure"}) + "\n")
-    config = load_config(FinetuneConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", f"data.train_file={bad}",
-                                                 "model=/nonexistent/model"])
+    config = parse_config(FINETUNE_ARGUMENTS, SMOKE, values={"output_dir": str(tmp_path / "run"), "train_file": str(bad),
+                                                            "model": "/nonexistent/model"})
     with pytest.raises(ValueError, match="unknown label 'unsure'"):
-        run_finetune(config)
+        run_finetune(*config)
+
+
+def test_eval_strategy_without_eval_examples_fails_before_loading_a_model(tmp_path):
+    config = parse_config(FINETUNE_ARGUMENTS, SMOKE, values={"output_dir": str(tmp_path / "run"), "eval_size": 0,
+                                                            "model": "/nonexistent/model"})
+    with pytest.raises(ValueError, match="eval_strategy 'epoch' needs eval examples"):
+        run_finetune(*config)
 
 
 # --- masked-head evaluation ---------------------------------------------------------------------------------------
@@ -225,11 +249,11 @@ def test_masked_eval_sweep_writes_table_and_curve(tmp_path, tiny_model_dir):
     scores = {f"{layer}-{head}": [float((layer * 4 + head) % 5)] for layer in range(2) for head in range(4)}
     scores_path = tmp_path / "head_scores.json"
     save_head_scores(scores_path, scores, {"model": "tiny", "num_layers": 2, "num_heads": 4})
-    config = load_config(MaskedEvalConfig, values={
+    model_args, data, sweep = parse_config(MASKED_EVAL_ARGUMENTS, values={
         "output_dir": str(tmp_path / "masked"), "model": str(tiny_model_dir), "head_scores": str(scores_path),
-        "data": {"dataset": "sample", "train_size": 8, "eval_size": 4, "test_size": 4, "max_length": 160},
-        "counts": [0, 2, 8], "mode": "uniform", "max_new_tokens": 3})
-    result = run_masked_eval(config)
+        "dataset": "sample", "train_size": 8, "eval_size": 4, "test_size": 4, "max_length": 160,
+        "counts": [0, 2, 8], "mask_mode": "uniform", "max_new_tokens": 3})
+    result = run_masked_eval(model_args, data, sweep)
     out = tmp_path / "masked"
     assert [row["masked"] for row in result["rows"]] == [0, 2, 8]
     assert result["rows"][1]["heads"] == ["{}-{}".format(*h) for h in select_heads(scores, "bottom:2")]
@@ -240,9 +264,9 @@ def test_masked_eval_sweep_writes_table_and_curve(tmp_path, tiny_model_dir):
     assert json.loads((out / "masked_eval.json").read_text())["rows"][2]["masked"] == 8
     wrong = tmp_path / "other.json"
     save_head_scores(wrong, {"0-0": [1.0]}, {"model": "big", "num_layers": 30, "num_heads": 9})
-    config.head_scores, config.output_dir = str(wrong), str(tmp_path / "masked2")
+    sweep.head_scores, sweep.output_dir = str(wrong), str(tmp_path / "masked2")
     with pytest.raises(ValueError, match="30 layers"):
-        run_masked_eval(config)
+        run_masked_eval(model_args, data, sweep)
 
 
 # --- the CI smoke run through accelerate launch -------------------------------------------------------------------
@@ -253,7 +277,7 @@ def test_cpu_smoke_run_through_accelerate_launch(tmp_path, tiny_model_dir):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "recipes" / "accelerate" / "cpu.yaml"), "--num_cpu_threads_per_process", "2",
                str(ROOT / "recipes" / "mnli_finetune.py"), "--config", str(SMOKE), "--output-dir", str(out),
-               "--set", f"model={tiny_model_dir}", "--set", "lora.r=4"]
+               "--model", str(tiny_model_dir), "--lora", "{r: 4}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -268,9 +292,10 @@ def test_cpu_smoke_run_through_accelerate_launch(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_embedded_model_loss_goes_down(tmp_path):
     """Three LoRA steps on one batch of the real SmolLM2: the answer-token loss must fall."""
-    config = load_config(FinetuneConfig, SMOKE, [f"output_dir={tmp_path / 'run'}"], values={
-        "evaluate_before": False, "max_new_tokens": 2,
-        "data": {"dataset": "sample", "train_size": 2, "eval_size": 0, "test_size": 1, "max_length": 128},
-        "training": {"max_steps": 3, "batch_size": 2, "learning_rate": 2e-3, "logging_steps": 1}})
-    losses = [row["loss"] for row in run_finetune(config)["train"]["loss_history"]]
+    config = parse_config(FINETUNE_ARGUMENTS, SMOKE, values={
+        "output_dir": str(tmp_path / "run"), "evaluate_before": False, "max_new_tokens": 2,
+        "dataset": "sample", "train_size": 2, "eval_size": 0, "test_size": 1, "max_length": 128,
+        "eval_strategy": "no", "max_steps": 3, "per_device_train_batch_size": 2, "learning_rate": 2e-3,
+        "logging_steps": 1})
+    losses = [row["loss"] for row in run_finetune(*config)["train"]["loss_history"]]
     assert len(losses) == 3 and losses[-1] < losses[0], losses

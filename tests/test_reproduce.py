@@ -14,15 +14,16 @@ from .test_recipes import ROOT, tiny_model_dir  # noqa: F401  (fixture)
 def _config(tmp_path, model_dir, **values) -> ReproduceConfig:
     settings = {
         "output_dir": str(tmp_path / "run"), "model": str(model_dir), "top_k": 2, "mask_modes": ["zero", "uniform"],
-        "retrieval": {"detect": {"lengths": [60], "depths": [0, 100], "max_new_tokens": 3},
-                      "needle": {"lengths": [60], "depths": [50], "max_new_tokens": 3},
+        "retrieval": {"detect_lengths": [60], "detect_depths": [0, 100], "detect_max_new_tokens": 3,
+                      "lengths": [60], "depths": [50], "max_new_tokens": 3,
                       "rouge_threshold": -1.0, "plot_top": 4},  # a random model never answers: count every trial
-        "finetune": {"data": {"dataset": "sample", "train_size": 4, "eval_size": 2, "test_size": 2, "max_length": 160},
-                     "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
-                     "training": {"epochs": 1, "batch_size": 4, "eval_batch_size": 4, "logging_steps": 1},
-                     "max_new_tokens": 2},
+        "finetune": {"dataset": "sample", "train_size": 4, "eval_size": 2, "test_size": 2, "max_length": 160,
+                     "lora": {"r": 2, "lora_alpha": 4, "lora_dropout": 0.0},
+                     "num_train_epochs": 1, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
+                     "logging_steps": 1, "max_new_tokens": 2},
         "variants": [{"name": "original"},
-                     {"name": "kv1", "convert": {"kv_heads": "1:1", "method": "mean", "calibration_tokens": 32}}],
+                     {"name": "kv1", "convert_kv_heads": "1:1", "convert_method": "mean",
+                      "convert_calibration_tokens": 32}],
         "masked_eval": {"counts": [0, 2], "max_new_tokens": 2, "batch_size": 4},
         "masked_eval_orders": ["top"],
         "tree_ppl": ["--context", "32", "--windows", "1", "--methods", "dense", "topk", "--fractions", "0.5"],

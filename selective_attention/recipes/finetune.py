@@ -4,6 +4,7 @@ Two heads: `generative` (causal LM; chat prompt with premise, hypothesis and the
 only on the answer tokens) and `classification` (`AutoModelForSequenceClassification`; LoRA plus a trainable
 score head via `modules_to_save`). Accuracy before and after fine-tuning is measured from real predictions on
 seeded, disjoint eval/test subsets. Outputs: `adapter/`, optional `merged/`, `metrics.json`, predictions.
+Training itself (schedule, precision, logging to `report_to` trackers) is whatever `TrainingArguments` says.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ import logging
 import time
 from pathlib import Path
 
-from .. import nli
+from transformers import TrainingArguments
+
 from ..masking import mask_heads
-from .config import FinetuneConfig, to_dict
+from . import nli, nli_data
+from .arguments import DataArguments, FinetuneArguments, ModelArguments
 from .io import RUN_MARKER, prepare_output_dir, write_json, write_jsonl
+from .parsing import settings
 from .predict import load_nli_model, model_source, predict
 
 logger = logging.getLogger(__name__)
@@ -28,21 +32,8 @@ def _features(tokenizer, examples: list[nli.NLIExample], head: str, max_length: 
     return Dataset.from_list([build(tokenizer, example, max_length) for example in examples])
 
 
-def _lora(config: FinetuneConfig):
-    from peft import LoraConfig, TaskType
-
-    section = config.lora
-    classification = config.head == "classification"
-    return LoraConfig(
-        r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
-        target_modules=list(section.target_modules),
-        task_type=TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM,
-        modules_to_save=["score"] if classification else None,
-    )
-
-
-def _score(model, tokenizer, splits: dict, config: FinetuneConfig, stage: str, output_dir: Path,
-           main_process: bool) -> dict:
+def _score(model, tokenizer, splits: dict, stage: str, output_dir: Path, main_process: bool, *, head: str,
+           batch_size: int, max_new_tokens: int, max_length: int) -> dict:
     """Accuracy etc. on the eval and test subsets; predictions written next to metrics.json."""
     results = {}
     for name in ("eval", "test"):
@@ -50,8 +41,8 @@ def _score(model, tokenizer, splits: dict, config: FinetuneConfig, stage: str, o
         if not examples:
             continue
         start = time.perf_counter()
-        predictions = predict(model, tokenizer, examples, config.head, batch_size=config.training.eval_batch_size,
-                              max_new_tokens=config.max_new_tokens, max_length=config.data.max_length)
+        predictions = predict(model, tokenizer, examples, head, batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, max_length=max_length)
         metrics = nli.classification_metrics([p.label for p in predictions], [p.prediction for p in predictions])
         metrics["seconds"] = round(time.perf_counter() - start, 2)
         results[name] = metrics
@@ -62,72 +53,77 @@ def _score(model, tokenizer, splits: dict, config: FinetuneConfig, stage: str, o
     return results
 
 
-def _source(config: FinetuneConfig) -> str:
-    data = config.data
+def _source(data: DataArguments) -> str:
     if data.train_file or data.eval_file or data.test_file:
         return ", ".join(sorted({Path(f).name for f in (data.train_file, data.eval_file, data.test_file) if f}))
-    return nli.sample_file().name if data.dataset == nli.SAMPLE_NAME else str(data.dataset)
+    return nli_data.sample_file().name if data.dataset == nli_data.SAMPLE_NAME else str(data.dataset)
 
 
-def _convert(config: FinetuneConfig, output_dir: Path, state) -> Path:
+def _convert(model: ModelArguments, recipe: FinetuneArguments, output_dir: Path, state) -> Path:
     """Variable-group GQA conversion by `selective_attention.models.convert` (main process writes, others wait)."""
     from ..models.convert import convert_model
 
     target = (output_dir / "converted").resolve()  # absolute: the adapter records it as its base model
     if state.is_main_process:
-        _, report = convert_model(model_source(config.model), config.convert.kv_heads, config.convert.method,
-                                  calibration_tokens=config.convert.calibration_tokens, out_dir=target)
-        logger.info("converted %s -> %s:\n%s", model_source(config.model), target, report.table())
+        _, report = convert_model(model_source(model.model), recipe.convert_kv_heads, recipe.convert_method,
+                                  calibration_tokens=recipe.convert_calibration_tokens, out_dir=target)
+        logger.info("converted %s -> %s:\n%s", model_source(model.model), target, report.table())
     state.wait_for_everyone()
     return target
 
 
-def run_finetune(config: FinetuneConfig, *, overwrite: bool = False) -> dict:
-    """Fine-tune as `config` says; returns the metrics also written to `output_dir/metrics.json`."""
+def run_finetune(model_args: ModelArguments, data: DataArguments, recipe: FinetuneArguments,
+                 training: TrainingArguments, *, overwrite: bool = False) -> dict:
+    """Fine-tune as the arguments say; returns the metrics also written to `output_dir/metrics.json`."""
     import torch
     from accelerate import PartialState
-    from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments,
-                              set_seed)
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, set_seed
 
     state = PartialState()
     main = state.is_main_process
-    output_dir = Path(config.output_dir)
+    output_dir = Path(training.output_dir)
+    head = model_args.head
     if main:
         prepare_output_dir(output_dir, overwrite)
-        write_json(output_dir / RUN_MARKER, to_dict(config))
+        write_json(output_dir / RUN_MARKER, settings(model_args, data, recipe, training))
     state.wait_for_everyone()
-    set_seed(config.seed)
+    set_seed(training.seed)
 
-    splits = nli.load_run_splits(config.data, config.seed)
+    splits = nli_data.load_run_splits(data, training.seed)
     if not splits["train"]:
-        raise ValueError("data.train_size is 0: nothing to fine-tune on")
+        raise ValueError("train_size is 0: nothing to fine-tune on")
+    if training.eval_strategy != "no" and not splits["eval"]:
+        raise ValueError(f"eval_strategy {training.eval_strategy.value!r} needs eval examples: set eval_size > 0 "
+                         "or eval_strategy: 'no'")
     if main:
         write_json(output_dir / "data_manifest.json",
                    {name: [example.id for example in examples] for name, examples in splits.items()})
 
     started = time.perf_counter()
-    model_path = config.model
-    if config.convert is not None:
-        model_path = str(_convert(config, output_dir, state))
-    model, tokenizer = load_nli_model(model_path, config.head, dtype=config.dtype,
-                                      attn_implementation=config.attn_implementation,
-                                      trust_remote_code=config.trust_remote_code)
+    model_path = model_args.model
+    if recipe.convert_kv_heads is not None:
+        model_path = str(_convert(model_args, recipe, output_dir, state))
+    model, tokenizer = load_nli_model(model_path, head, dtype=model_args.dtype,
+                                      attn_implementation=model_args.attn_implementation,
+                                      trust_remote_code=model_args.trust_remote_code)
     if state.device.type != "cpu":
         model.to(state.device)
-    if config.masked_heads:
-        mask_heads(model, config.masked_heads, config.mask_mode)
+    if recipe.masked_heads:
+        mask_heads(model, recipe.masked_heads, recipe.mask_mode)
 
-    metrics: dict = {"model": model_source(config.model), "head": config.head, "data_source": _source(config),
-                     "converted": model_path if config.convert is not None else None,
+    scoring = dict(head=head, batch_size=training.per_device_eval_batch_size, max_new_tokens=recipe.max_new_tokens,
+                   max_length=data.max_length)
+    metrics: dict = {"model": model_source(model_args.model), "head": head, "data_source": _source(data),
+                     "converted": model_path if recipe.convert_kv_heads is not None else None,
                      "data": {name: len(examples) for name, examples in splits.items()},
-                     "masked_heads": config.masked_heads, "mask_mode": config.mask_mode if config.masked_heads else None}
-    if config.evaluate_before:
-        metrics["before"] = _score(model, tokenizer, splits, config, "before", output_dir, main)
+                     "masked_heads": recipe.masked_heads, "mask_mode": recipe.mask_mode if recipe.masked_heads else None}
+    if recipe.evaluate_before:
+        metrics["before"] = _score(model, tokenizer, splits, "before", output_dir, main, **scoring)
 
-    if config.lora.enabled:
+    if recipe.use_lora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, _lora(config))
+        model = get_peft_model(model, recipe.lora_config(head))
         trainable, total = model.get_nb_trainable_parameters()
     else:
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -135,24 +131,11 @@ def run_finetune(config: FinetuneConfig, *, overwrite: bool = False) -> dict:
     metrics["parameters"] = {"trainable": trainable, "total": total}
     logger.info("trainable parameters: %d of %d (%.2f%%)", trainable, total, 100 * trainable / total)
 
-    train_data = _features(tokenizer, splits["train"], config.head, config.data.max_length)
-    eval_data = _features(tokenizer, splits["eval"], config.head, config.data.max_length) if splits["eval"] else None
-    collator = (DataCollatorWithPadding(tokenizer) if config.head == "classification"
+    train_data = _features(tokenizer, splits["train"], head, data.max_length)
+    eval_data = _features(tokenizer, splits["eval"], head, data.max_length) if splits["eval"] else None
+    collator = (DataCollatorWithPadding(tokenizer) if head == "classification"
                 else DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
-    section = config.training
-    arguments = TrainingArguments(
-        output_dir=str(output_dir / "checkpoints"),
-        num_train_epochs=section.epochs, max_steps=section.max_steps, learning_rate=section.learning_rate,
-        per_device_train_batch_size=section.batch_size, per_device_eval_batch_size=section.eval_batch_size,
-        gradient_accumulation_steps=section.gradient_accumulation_steps, weight_decay=section.weight_decay,
-        warmup_steps=section.warmup_steps, lr_scheduler_type=section.lr_scheduler_type,
-        logging_steps=section.logging_steps, logging_first_step=True,
-        gradient_checkpointing=section.gradient_checkpointing, bf16=section.bf16, fp16=section.fp16,
-        eval_strategy="epoch" if (section.eval_each_epoch and eval_data is not None) else "no",
-        save_strategy="no", report_to=section.report_to, seed=config.seed, data_seed=config.seed,
-        remove_unused_columns=False, disable_tqdm=True,
-    )
-    trainer = Trainer(model=model, args=arguments, train_dataset=train_data, eval_dataset=eval_data,
+    trainer = Trainer(model=model, args=training, train_dataset=train_data, eval_dataset=eval_data,
                       data_collator=collator, processing_class=tokenizer)
     result = trainer.train()
     history = trainer.state.log_history
@@ -166,10 +149,10 @@ def run_finetune(config: FinetuneConfig, *, overwrite: bool = False) -> dict:
     trainer.save_model(str(output_dir / "adapter"))
     if main:
         tokenizer.save_pretrained(output_dir / "adapter")
-    metrics["after"] = _score(trainer.model, tokenizer, splits, config, "after", output_dir, main)
+    metrics["after"] = _score(trainer.model, tokenizer, splits, "after", output_dir, main, **scoring)
 
-    if config.merge and main:
-        merged = trainer.model.merge_and_unload() if config.lora.enabled else trainer.model
+    if recipe.merge and main:
+        merged = trainer.model.merge_and_unload() if recipe.use_lora else trainer.model
         merged.save_pretrained(output_dir / "merged")
         tokenizer.save_pretrained(output_dir / "merged")
     metrics["seconds"] = round(time.perf_counter() - started, 2)

@@ -1,12 +1,13 @@
-"""Output directories and result files for the recipes: refuse to clobber, write atomically."""
+"""Output directories and result files for the recipes: refuse to clobber, write atomically (`..io`)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from ..io import write_text
 
 #: Written first by every recipe run; marks a directory the recipes may replace with --overwrite.
 RUN_MARKER = "run_config.json"
@@ -38,22 +39,10 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, *, main_proces
     return path
 
 
-def write_json(path: str | Path, payload: object) -> None:
-    """Write JSON atomically (a partial file is renamed into place, so an interrupted run never truncates)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+def write_json(path: str | Path, payload: object) -> Path:
+    """JSON written atomically; values JSON lacks (paths, enums) as strings."""
+    return write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-
-
-def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    return write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in rows))

@@ -12,11 +12,13 @@ import logging
 import time
 from pathlib import Path
 
-from .. import nli
 from ..heads import (check_head_scores, head_key, load_head_scores, load_sidecar, parse_head, select_heads)
 from ..masking import mask_heads, text_config
-from .config import MaskedEvalConfig, to_dict
+from ..plots.nli import plot_masked_accuracy
+from . import nli, nli_data
+from .arguments import DataArguments, MaskedEvalArguments, ModelArguments
 from .io import RUN_MARKER, prepare_output_dir, write_json, write_text
+from .parsing import settings
 from .predict import load_nli_model, model_source, predict
 
 logger = logging.getLogger(__name__)
@@ -42,29 +44,6 @@ def heads_for_count(scores: dict, count: int, *, order: str, scope: str, num_lay
     return sorted(chosen)
 
 
-def plot_curve(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(5.5, 3.6), dpi=120)
-    counts = [row["masked"] for row in rows]
-    axis.plot(counts, [row["accuracy"] for row in rows], marker="o", label="accuracy")
-    axis.plot(counts, [row["macro_f1"] for row in rows], marker="s", linestyle="--", label="macro F1")
-    axis.axhline(1 / len(nli.LABELS), color="grey", linewidth=0.8, linestyle=":", label="chance")
-    axis.set_xlabel("masked heads")
-    axis.set_ylabel("MNLI score")
-    axis.set_ylim(0, 1)
-    axis.set_title(title, fontsize=9)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    partial = path.with_name(path.stem + ".partial.png")
-    figure.savefig(partial)
-    plt.close(figure)
-    partial.replace(path)
-
-
 def markdown_table(rows: list[dict], header: str) -> str:
     lines = [header, "", "| masked heads | accuracy | macro F1 | invalid | heads |", "|---:|---:|---:|---:|---|"]
     for row in rows:
@@ -74,30 +53,32 @@ def markdown_table(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_masked_eval(config: MaskedEvalConfig, *, overwrite: bool = False) -> dict:
-    """Sweep `config.counts`; returns the result also written to masked_eval.json."""
-    output_dir = prepare_output_dir(config.output_dir, overwrite)
-    write_json(output_dir / RUN_MARKER, to_dict(config))
-    scores = load_head_scores(config.head_scores)
-    examples = nli.load_run_splits(config.data, config.seed)[config.split]
+def run_masked_eval(model_args: ModelArguments, data: DataArguments, sweep: MaskedEvalArguments, *,
+                    overwrite: bool = False) -> dict:
+    """Sweep `sweep.counts`; returns the result also written to masked_eval.json."""
+    output_dir = prepare_output_dir(sweep.output_dir, overwrite)
+    write_json(output_dir / RUN_MARKER, settings(model_args, data, sweep))
+    scores = load_head_scores(sweep.head_scores)
+    examples = nli_data.load_run_splits(data, sweep.seed)[sweep.split]
     if not examples:
-        raise ValueError(f"data.{config.split}_size is 0: nothing to evaluate")
-    model, tokenizer = load_nli_model(config.model, config.head, dtype=config.dtype,
-                                      attn_implementation=config.attn_implementation,
-                                      trust_remote_code=config.trust_remote_code)
+        raise ValueError(f"{sweep.split}_size is 0: nothing to evaluate")
+    model, tokenizer = load_nli_model(model_args.model, model_args.head, dtype=model_args.dtype,
+                                      attn_implementation=model_args.attn_implementation,
+                                      trust_remote_code=model_args.trust_remote_code)
     text = text_config(model)
     num_layers, num_heads = text.num_hidden_layers, text.num_attention_heads
-    check_head_scores(scores, num_layers, num_heads, load_sidecar(config.head_scores), source=config.head_scores)
+    check_head_scores(scores, num_layers, num_heads, load_sidecar(sweep.head_scores), source=sweep.head_scores)
 
     rows = []
-    for count in config.counts:
-        heads = heads_for_count(scores, count, order=config.order, scope=config.scope, num_layers=num_layers,
-                                num_heads=num_heads, layers=config.layers, seed=config.seed)
+    source = model_source(model_args.model)
+    for count in sweep.counts:
+        heads = heads_for_count(scores, count, order=sweep.order, scope=sweep.scope, num_layers=num_layers,
+                                num_heads=num_heads, layers=sweep.layers, seed=sweep.seed)
         start = time.perf_counter()
-        handle = mask_heads(model, heads, config.mode) if heads else None
+        handle = mask_heads(model, heads, sweep.mask_mode) if heads else None
         try:
-            predictions = predict(model, tokenizer, examples, config.head, batch_size=config.batch_size,
-                                  max_new_tokens=config.max_new_tokens, max_length=config.data.max_length)
+            predictions = predict(model, tokenizer, examples, model_args.head, batch_size=sweep.batch_size,
+                                  max_new_tokens=sweep.max_new_tokens, max_length=data.max_length)
         finally:
             if handle is not None:
                 handle.remove()
@@ -106,17 +87,17 @@ def run_masked_eval(config: MaskedEvalConfig, *, overwrite: bool = False) -> dic
                      "macro_f1": metrics["macro_f1"], "invalid": metrics["invalid"],
                      "heads": [head_key(*h) for h in heads], "metrics": metrics,
                      "seconds": round(time.perf_counter() - start, 2)})
-        logger.info("%d heads masked (%s, %s %s): accuracy %.3f", len(heads), config.mode, config.order,
-                    config.scope, metrics["accuracy"])
-        result = {"model": model_source(config.model), "head": config.head, "head_scores": config.head_scores,
-                  "order": config.order, "scope": config.scope, "layers": config.layers, "mode": config.mode,
-                  "split": config.split, "examples": len(examples), "num_layers": num_layers,
+        logger.info("%d heads masked (%s, %s %s): accuracy %.3f", len(heads), sweep.mask_mode, sweep.order,
+                    sweep.scope, metrics["accuracy"])
+        result = {"model": source, "head": model_args.head, "head_scores": sweep.head_scores,
+                  "order": sweep.order, "scope": sweep.scope, "layers": sweep.layers, "mode": sweep.mask_mode,
+                  "split": sweep.split, "examples": len(examples), "num_layers": num_layers,
                   "num_heads": num_heads, "rows": rows}
         write_json(output_dir / "masked_eval.json", result)  # after every count: an interrupted sweep keeps its rows
 
-    title = f"{Path(model_source(config.model)).name}: {config.order} heads ({config.scope}), mode={config.mode}"
+    title = f"{Path(source).name}: {sweep.order} heads ({sweep.scope}), mode={sweep.mask_mode}"
     write_text(output_dir / "masked_eval.md",
-               markdown_table(rows, f"# MNLI accuracy vs masked heads\n\n{title}; {len(examples)} {config.split} "
-                                    f"examples; head scores: `{config.head_scores}`"))
-    plot_curve(rows, output_dir / "masked_eval.png", title)
+               markdown_table(rows, f"# MNLI accuracy vs masked heads\n\n{title}; {len(examples)} {sweep.split} "
+                                    f"examples; head scores: `{sweep.head_scores}`"))
+    plot_masked_accuracy(rows, output_dir / "masked_eval.png", title, chance=1 / len(nli.LABELS))
     return result

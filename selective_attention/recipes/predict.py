@@ -20,7 +20,7 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from .. import assets
 from ..loading import resolve_dtype
-from ..nli import INVALID, LABELS, NLIExample, classification_features, generation_prompt, parse_label
+from .nli import INVALID, LABELS, NLIExample, classification_features, generation_prompt, parse_label
 
 logger = logging.getLogger(__name__)
 
