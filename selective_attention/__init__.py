@@ -9,6 +9,7 @@ from .registry import register_all as _register_all
 _register_all()
 
 from .attention.masked import MASK_MODES, HeadMask  # noqa: E402
+from .cache import HeadwiseCache, HeadwisePolicy, headwise_cache  # noqa: E402
 from .heads import head_key, parse_heads  # noqa: E402
 from .masking import apply_config_head_mask, mask_heads, masked_heads, unmask_heads  # noqa: E402
 from .models import SelectiveLlamaConfig, SelectiveLlamaForCausalLM  # noqa: E402  (registers selective_llama)
@@ -18,10 +19,13 @@ __version__ = "0.1.0"
 __all__ = [
     "MASK_MODES",
     "HeadMask",
+    "HeadwiseCache",
+    "HeadwisePolicy",
     "SelectiveLlamaConfig",
     "SelectiveLlamaForCausalLM",
     "apply_config_head_mask",
     "head_key",
+    "headwise_cache",
     "mask_heads",
     "masked_heads",
     "parse_heads",
