@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel
 
+from .attention.intervene import intervene
 from .attention.record import NAME, RECORD_ATTRIBUTE, RecordSlot
-from .masking import attention_modules, check_attention_interface
+from .modeling import attention_modules, check_attention_interface
 
 logger = logging.getLogger(__name__)
 
@@ -48,21 +49,13 @@ def record_attention(model: PreTrainedModel, layers: Iterable[int] | None = None
         raise ValueError(f"layer(s) {unknown} out of range: the model has layers 0..{max(modules)}")
     previous = model.config._attn_implementation
     base = previous if previous != NAME else "sdpa"
-    record = AttentionRecord()
-    for layer, layer_modules in modules.items():
-        for module in layer_modules:
-            slot = RecordSlot(base, record=layer in chosen)
-            setattr(module, RECORD_ATTRIBUTE, slot)
-            if layer in chosen:
-                record.slots.setdefault(layer, []).append(slot)
-    model.set_attn_implementation(NAME)
-    try:
+    record = AttentionRecord({layer: [RecordSlot(base, record=True)] for layer in chosen})
+
+    def slot(layer: int) -> RecordSlot:
+        return record.slots[layer][0] if layer in record.slots else RecordSlot(base, record=False)
+
+    with intervene(model, RECORD_ATTRIBUTE, slot, NAME, name="record attention"):
         yield record
-    finally:
-        for layer_modules in modules.values():
-            for module in layer_modules:
-                setattr(module, RECORD_ATTRIBUTE, None)
-        model.set_attn_implementation(previous)
 
 
 def attention_maps(model: PreTrainedModel, tokenizer, text: str, layers: Iterable[int] | None = None,

@@ -14,43 +14,16 @@ from collections.abc import Iterator
 from torch import nn
 from transformers import PreTrainedModel
 
+from .attention.intervene import Intervention, active_interventions, intervene
 from .attention.masked import MASK_ATTRIBUTE, MASK_MODES, MASKED_NAMES, HeadMask
 from .heads import Head, HeadSpec, group_by_layer, head_key, parse_heads, validate_heads
+from .modeling import attention_modules, check_attention_interface, text_config
 from .registry import REGISTERED
 
 logger = logging.getLogger(__name__)
 
 CONFIG_HEADS = "sa_masked_heads"
 CONFIG_MODE = "sa_mask_mode"
-
-
-def text_config(model: PreTrainedModel):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def attention_modules(model: nn.Module) -> dict[int, list[nn.Module]]:
-    """Attention modules by layer index: modules named *Attention* that carry an integer `layer_idx`."""
-    layers: dict[int, list[nn.Module]] = {}
-    for module in model.modules():
-        layer = getattr(module, "layer_idx", None)
-        if isinstance(layer, int) and "Attention" in type(module).__name__:
-            layers.setdefault(layer, []).append(module)
-    return layers
-
-
-def check_attention_interface(model: nn.Module) -> None:
-    """Raise ValueError unless the model dispatches attention through transformers' `AttentionInterface`."""
-    if not isinstance(model, PreTrainedModel):
-        raise ValueError(
-            f"{type(model).__name__} is not a transformers PreTrainedModel: head masking works on models whose "
-            "attention goes through AttentionInterface"
-        )
-    if not type(model)._can_set_attn_implementation() or not attention_modules(model):
-        raise ValueError(
-            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so its "
-            "heads cannot be masked by selective-attention"
-        )
 
 
 def masked_implementation(current: str | None) -> str:
@@ -73,36 +46,14 @@ def base_implementation(current: str | None) -> str:
     return current or "sdpa"
 
 
-class HeadMaskHandle:
-    """Returned by `mask_heads`; `remove()` (or leaving the `with` block) restores the model's previous state."""
+class HeadMaskHandle(Intervention):
+    """Returned by `mask_heads`: an `Intervention` that also says which heads it masks and how."""
 
-    def __init__(self, model: PreTrainedModel, heads: list[Head], mode: str, previous: dict) -> None:
-        self.model = model
-        self.heads = heads
-        self.mode = mode
-        self._previous = previous
-        self._removed = False
-
-    def remove(self) -> None:
-        if self._removed:
-            return
-        for module, mask in self._previous["masks"]:
-            setattr(module, MASK_ATTRIBUTE, mask)
-        config = text_config(self.model)
-        setattr(config, CONFIG_HEADS, self._previous["heads"])
-        setattr(config, CONFIG_MODE, self._previous["mode"])
-        if self.model.config._attn_implementation != self._previous["implementation"]:
-            self.model.set_attn_implementation(self._previous["implementation"])
-        self._removed = True
-
-    def __enter__(self) -> HeadMaskHandle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    heads: list[Head]
+    mode: str
 
     def __repr__(self) -> str:
-        return f"HeadMaskHandle({len(self.heads)} heads, mode={self.mode!r}, removed={self._removed})"
+        return f"HeadMaskHandle({len(self.heads)} heads, mode={self.mode!r}, active={self.active})"
 
 
 def mask_heads(model: PreTrainedModel, heads: HeadSpec, mode: str = "zero") -> HeadMaskHandle:
@@ -118,31 +69,28 @@ def mask_heads(model: PreTrainedModel, heads: HeadSpec, mode: str = "zero") -> H
     config = text_config(model)
     validate_heads(parsed, config.num_hidden_layers, config.num_attention_heads)
     implementation = masked_implementation(model.config._attn_implementation)
-
-    modules = attention_modules(model)
-    missing = sorted({layer for layer, _ in parsed} - set(modules))
+    missing = sorted({layer for layer, _ in parsed} - set(attention_modules(model)))
     if missing:
         raise ValueError(f"no attention module found for layer(s) {missing}")
-    previous = {
-        "masks": [(m, getattr(m, MASK_ATTRIBUTE, None)) for ms in modules.values() for m in ms],
-        "heads": getattr(config, CONFIG_HEADS, None),
-        "mode": getattr(config, CONFIG_MODE, None),
-        "implementation": model.config._attn_implementation,
-    }
     grouped = group_by_layer(parsed)
-    for layer, layer_modules in modules.items():
-        for module in layer_modules:
-            setattr(module, MASK_ATTRIBUTE, HeadMask(grouped[layer], mode) if layer in grouped else None)
-    setattr(config, CONFIG_HEADS, [head_key(layer, head) for layer, head in parsed])
-    setattr(config, CONFIG_MODE, mode)
-    if model.config._attn_implementation != implementation:
-        model.set_attn_implementation(implementation)
+    handle = intervene(model, MASK_ATTRIBUTE, lambda layer: HeadMask(grouped[layer], mode) if layer in grouped else None,
+                       implementation, config={CONFIG_HEADS: [head_key(layer, head) for layer, head in parsed],
+                                               CONFIG_MODE: mode}, name=f"mask_heads({len(parsed)} heads, {mode})")
+    handle.__class__ = HeadMaskHandle
+    handle.heads, handle.mode = parsed, mode
     logger.info("masked %d heads (%s) with %s", len(parsed), mode, implementation)
-    return HeadMaskHandle(model, parsed, mode, previous)
+    return handle
 
 
 def unmask_heads(model: PreTrainedModel) -> None:
-    """Remove every head mask and return to the unmasked base implementation."""
+    """Remove every head mask and return to the unmasked base implementation.
+
+    Active `mask_heads` handles on top of the model's intervention stack are removed (innermost first); masks set
+    some other way (a saved config re-applied by hand) are cleared too."""
+    for handle in reversed(active_interventions(model)):
+        if not isinstance(handle, HeadMaskHandle):
+            break
+        handle.remove()
     for layer_modules in attention_modules(model).values():
         for module in layer_modules:
             setattr(module, MASK_ATTRIBUTE, None)

@@ -1,4 +1,5 @@
-"""Calling a transformers model across the supported 5.x range.
+"""Model introspection (text config, attention modules, shape, sliding layers) and calling a model across the
+supported transformers 5.x range.
 
 transformers 5.24 renamed the forward argument `past_key_values` to `cache` (the old name is deprecated there and
 removed later); earlier 5.x releases accept only `past_key_values`. Everything that hands a cache to a forward
@@ -15,7 +16,9 @@ from __future__ import annotations
 import inspect
 
 import transformers
-from transformers import LlamaModel
+from torch import nn
+from transformers import DynamicCache, LlamaModel, PreTrainedModel
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 #: The forward argument name of the installed transformers: "cache" (>= 5.24) or "past_key_values".
 CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
@@ -39,6 +42,19 @@ def gguf_dequantize_kwargs() -> dict:
     return {"quantization_config": transformers.GgufConfig(dequantize=True)} if HAS_GGUF_CONFIG else {}
 
 
+#: cache layer class -> layer type, for the two kinds of attention layer a `DynamicCache` holds
+_CACHE_LAYER_TYPES = {DynamicLayer: "full_attention", DynamicSlidingWindowLayer: "sliding_attention"}
+
+
+def cache_layer_types(config) -> list[str]:
+    """Per layer, what `DynamicCache(config=config)` builds on the installed release: "full_attention" (keeps every
+    position), "sliding_attention" (a sliding or chunked window), else the cache layer's class name.
+
+    Asked of `DynamicCache` itself: `transformers.cache_utils.get_layer_types_and_kwargs` exists only from 5.16.
+    """
+    return [_CACHE_LAYER_TYPES.get(type(layer), type(layer).__name__) for layer in DynamicCache(config=config).layers]
+
+
 def sliding_window_layers(config) -> set[int]:
     """Indices of the decoder layers that attend over a sliding window (from `layer_types`, else `sliding_window`).
 
@@ -51,3 +67,39 @@ def sliding_window_layers(config) -> set[int]:
     if getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True):
         return set(range(text.num_hidden_layers))
     return set()
+
+
+def text_config(model: PreTrainedModel):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def attention_modules(model: nn.Module) -> dict[int, list[nn.Module]]:
+    """Attention modules by layer index: modules named *Attention* that carry an integer `layer_idx`."""
+    layers: dict[int, list[nn.Module]] = {}
+    for module in model.modules():
+        layer = getattr(module, "layer_idx", None)
+        if isinstance(layer, int) and "Attention" in type(module).__name__:
+            layers.setdefault(layer, []).append(module)
+    return layers
+
+
+def check_attention_interface(model: nn.Module) -> None:
+    """Raise ValueError unless the model dispatches attention through transformers' `AttentionInterface`."""
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(
+            f"{type(model).__name__} is not a transformers PreTrainedModel: head masking works on models whose "
+            "attention goes through AttentionInterface"
+        )
+    if not type(model)._can_set_attn_implementation() or not attention_modules(model):
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, so its "
+            "heads cannot be masked by selective-attention"
+        )
+
+
+def model_shape(model: nn.Module) -> tuple[int, int, int]:
+    """(layers, query heads, KV heads) of the model's text decoder."""
+    text = text_config(model)
+    heads = text.num_attention_heads
+    return text.num_hidden_layers, heads, getattr(text, "num_key_value_heads", None) or heads

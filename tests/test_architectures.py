@@ -24,8 +24,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from selective_attention import mask_heads
 from selective_attention.attention.probe import probing
 from selective_attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
-from selective_attention.masking import attention_modules
-from selective_attention.modeling import cache_kwargs
+from selective_attention.modeling import attention_modules, cache_kwargs
 from selective_attention.needle.generate import greedy_decode
 
 VOCAB = 128
@@ -91,16 +90,6 @@ FAMILIES: dict[str, Family] = {
     "gpt_neox": Family(lambda: transformers.GPTNeoXConfig(**{k: v for k, v in COMMON.items()
                                                               if k != "num_key_value_heads"})),
 }
-
-
-#: (check, family) -> why it fails today. Strict: a fix turns the xfail into a failure, so the entry must go.
-KNOWN_GAPS: dict[tuple[str, str], str] = {}
-
-
-def families(check: str) -> list:
-    """Every family name, with a strict xfail where `check` is a known gap of that family."""
-    return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[check, name]))
-            if (check, name) in KNOWN_GAPS else name for name in sorted(FAMILIES)]
 
 
 # ------------------------------------------------------------------------------------------------- helpers
@@ -233,7 +222,7 @@ def test_zero_ablation_equals_zeroed_output_projection(name):
     assert max_diff(masked, logits(model, ids)) > 1e-3  # the heads mattered
 
 
-@pytest.mark.parametrize("name", families("probe"))
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_probe_equals_absolute_position_reference(name):
     model = build(name, plain(name))
     ids = prompt()[0].tolist()
@@ -260,7 +249,7 @@ def test_probe_equals_absolute_position_reference(name):
         f"first at (step, layer, head) {differ.nonzero()[0].tolist()}")
 
 
-@pytest.mark.parametrize("name", families("tree"))
+@pytest.mark.parametrize("name", sorted(FAMILIES))
 @pytest.mark.parametrize("method", ["dense", "topk", "bound"])
 def test_tree_kernel_at_full_budget_equals_model(name, method):
     reference = build(name, plain(name))

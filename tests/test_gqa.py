@@ -82,7 +82,7 @@ def test_config_validation():
 def test_registered_with_auto_classes_and_attention_interface():
     model = selective_tiny([1, 2, 2])
     assert type(model)._can_set_attn_implementation()
-    selective_attention.masking.check_attention_interface(model)
+    selective_attention.modeling.check_attention_interface(model)
     model.set_attn_implementation("sa_masked_eager")
     assert model.config._attn_implementation == "sa_masked_eager"
 

@@ -156,7 +156,7 @@ def test_handle_restores_model_and_config(tmp_path):
         model.save_pretrained(tmp_path)
         assert '"sa_masked_heads"' in (tmp_path / "config.json").read_text()
         assert not torch.allclose(_logits(model, ids), before, atol=1e-4)
-    assert "removed=True" in repr(handle)
+    assert "active=False" in repr(handle)
     assert model.config._attn_implementation == "sdpa"
     assert list(masked_heads(model)) == []
     assert torch.allclose(_logits(model, ids), before, atol=0, rtol=0)

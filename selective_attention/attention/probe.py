@@ -19,6 +19,7 @@ from torch import nn
 
 from ..registry import register_attention
 from .eager import exact_attention_forward
+from .intervene import intervene
 from .masked import masked
 
 PROBE_NAME = "sa_probe"
@@ -46,8 +47,10 @@ class ProbeRecorder:
         """
         if not self._layers:
             raise RuntimeError("the probe recorded nothing: is the model running with attn_implementation='sa_probe'?")
-        stacked = torch.stack([argmax + key_offset(last_position, key_length)
-                               for argmax, key_length in (self._layers[layer] for layer in sorted(self._layers))])
+        layers = [self._layers[layer] for layer in sorted(self._layers)]
+        device = layers[0][0].device  # layers may sit on several devices (device_map): gather on the first's
+        stacked = torch.stack([argmax.to(device) + key_offset(last_position, key_length)
+                               for argmax, key_length in layers])
         self._layers = {}
         return stacked
 
@@ -105,25 +108,10 @@ probe_attention = masked(probe_attention_forward)
 
 @contextmanager
 def probing(model: nn.Module, rows: int = 1) -> Iterator[ProbeRecorder]:
-    """Run `model` on `sa_probe` with a recorder attached to every attention module; restores everything after."""
-    from ..masking import attention_modules
-
+    """Run `model` on `sa_probe` with one recorder attached to every attention module; restores everything after."""
     recorder = ProbeRecorder(rows)
-    modules = [m for ms in attention_modules(model).values() for m in ms]
-    if not modules:
-        raise ValueError(f"{type(model).__name__} has no attention modules with a layer_idx to probe")
-    previous = model.config._attn_implementation
-    for module in modules:
-        setattr(module, PROBE_ATTRIBUTE, recorder)
-    if previous != PROBE_NAME:
-        model.set_attn_implementation(PROBE_NAME)
-    try:
+    with intervene(model, PROBE_ATTRIBUTE, lambda layer: recorder, PROBE_NAME, name="probe"):
         yield recorder
-    finally:
-        for module in modules:
-            setattr(module, PROBE_ATTRIBUTE, None)
-        if model.config._attn_implementation != previous:
-            model.set_attn_implementation(previous)
 
 
 def register() -> None:

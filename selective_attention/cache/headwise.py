@@ -19,7 +19,7 @@ from transformers.cache_utils import (DYNAMIC_LAYER_TYPE_MAPPING, Cache, Dynamic
                                       get_layer_types_and_kwargs)
 
 from ..attention.headwise import NAME, PLAN_ATTRIBUTE
-from ..masking import attention_modules, check_attention_interface
+from ..modeling import attention_modules, check_attention_interface
 from ..modeling import cache_kwargs
 from .layer import HeadwiseLayer
 from .policy import HeadwisePolicy, model_shape

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import get_layer_types_and_kwargs
 
 from ..attention.headwise import HeadwisePlan
-from ..masking import text_config
+from ..modeling import text_config
 
 def layer_types(config) -> list[str]:
     """Layer type of every layer of a text config, as `DynamicCache` reads them (e.g. "sliding_attention")."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from ..heads import HeadScores, check_head_scores, load_head_scores, load_sidecar, mean_scores
-from ..masking import text_config
+from ..modeling import text_config
 from .policy import HeadwisePolicy, layer_types, model_shape
 
 SELECTION_METHODS = ("top", "random")

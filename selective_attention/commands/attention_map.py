@@ -14,7 +14,8 @@ from ..attention_maps import attention_maps
 from ..plots import plot_average, plot_head_across_layers, plot_layer, plot_map_comparison
 from ..heads import model_head_scores, select_heads
 from ..loading import load_model
-from ..masking import mask_heads, text_config
+from ..masking import mask_heads
+from ..modeling import text_config
 from . import add_model_arguments
 
 logger = logging.getLogger(__name__)

@@ -51,7 +51,8 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..heads import model_head_scores, select_heads
     from ..loading import load_model
-    from ..masking import mask_heads, text_config
+    from ..masking import mask_heads
+    from ..modeling import text_config
     from ..needle.generate import greedy_decode, stop_token_ids
     from ..needle.haystack import Haystack, build_prompt, check_length, load_haystack_text, prompt_template
     from ..needle.needles import resolve_needles

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..attention.probe import probing
 from ..heads import head_key, load_head_scores, load_sidecar, save_head_scores, sidecar_path
-from ..masking import text_config
+from ..modeling import text_config
 from .generate import SharedPrefix, greedy_decode, reference_decode, stop_token_ids
 from .haystack import Haystack, NeedlePrompt, build_prompt, check_grid, check_length, load_haystack_text, prompt_template
 from .needles import Needle

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from ..attention.masked import MASK_MODES
 from ..heads import Head, check_head_scores, head_key, load_head_scores, load_sidecar, select_heads, validate_heads
-from ..masking import mask_heads, text_config
+from ..masking import mask_heads
+from ..modeling import text_config
 from ..cache.headwise import HeadwiseHandle, parse_full, trial_cache
 from ..cache.selection import SELECTION_METHODS, headwise_policy
 from .generate import SharedPrefix, greedy_decode, stop_token_ids

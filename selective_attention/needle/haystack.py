@@ -207,7 +207,7 @@ def build_prompt(haystack: Haystack, template: PromptTemplate, needle: Needle, c
 
 def max_context(model) -> int | None:
     """The model's maximum number of positions, if the config says."""
-    from ..masking import text_config
+    from ..modeling import text_config
 
     return getattr(text_config(model), "max_position_embeddings", None)
 

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from ..heads import (check_head_scores, head_key, load_head_scores, load_sidecar, parse_head, select_heads)
-from ..masking import mask_heads, text_config
+from ..masking import mask_heads
+from ..modeling import text_config
 from ..plots.nli import plot_masked_accuracy
 from . import nli, nli_data
 from .arguments import DataArguments, MaskedEvalArguments, ModelArguments

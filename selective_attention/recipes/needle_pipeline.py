@@ -19,7 +19,7 @@ from .. import MASK_MODES, assets, plots
 from ..heads import load_head_scores
 from ..languages import get_language, supported_languages
 from ..loading import DTYPES, load_model
-from ..masking import text_config
+from ..modeling import text_config
 from ..needle import DetectConfig, NeedleConfig, detect, run_needle_grid
 from ..needle.detect import METHODS as DETECT_METHODS
 from ..needle.evaluate import SCORE_TARGETS

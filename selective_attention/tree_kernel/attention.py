@@ -14,7 +14,7 @@ from torch import nn
 
 from ..attention.eager import exact_attention_forward
 from ..attention.masked import masked
-from ..masking import attention_modules, check_attention_interface, text_config
+from ..modeling import attention_modules, check_attention_interface, text_config
 from ..modeling import sliding_window_layers
 from ..registry import register_attention
 from .bound import flat_bound_rows
