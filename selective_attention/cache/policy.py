@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from transformers import PreTrainedModel
-from transformers.cache_utils import get_layer_types_and_kwargs
 
 from ..attention.headwise import HeadwisePlan
-from ..modeling import text_config
+from ..modeling import cache_layer_types, text_config
 
 def layer_types(config) -> list[str]:
-    """Layer type of every layer of a text config, as `DynamicCache` reads them (e.g. "sliding_attention")."""
-    return list(get_layer_types_and_kwargs(config)[0])
+    """Layer type of every layer of a text config, as `DynamicCache` builds them (e.g. "sliding_attention")."""
+    return cache_layer_types(config)
 
 
 def model_shape(model: PreTrainedModel) -> tuple[int, int, int]:
