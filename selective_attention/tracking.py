@@ -1,9 +1,11 @@
-"""Experiment tracking (`--report-to none|tensorboard|wandb|trackio`) for detection, needle and recipe runs.
+"""Experiment tracking (`--report-to none|tensorboard|wandb|trackio`) for detection and needle runs.
 
-The Retrieval_Head reference logs its masking runs to wandb (`--wandb`); here any of several backends, chosen by
-name, receives the run config, per-point scores (one step per needle trial) and images (the grid heatmap). Every
-backend writes locally when asked to: tensorboard always does, wandb with `WANDB_MODE=offline` (set for you when
-`offline=True`), trackio into `TRACKIO_DIR`. `none` imports nothing and needs no network.
+The backends are accelerate's own trackers (`accelerate.tracking`); fine-tuning reports through
+`TrainingArguments.report_to` instead. What they lack is added here: a nested run config (TensorBoard gets it as
+JSON text, wandb and trackio as flat "a/b" keys), images read from the PNG files a run wrote, one needle or
+detection trial as scalars, and the CLI flags. Every backend writes locally when asked to: tensorboard always
+does, wandb with `WANDB_MODE=offline` (set for you when `offline=True`), trackio into `TRACKIO_DIR`. `none`
+imports nothing and needs no network.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .quantization import MissingBackendError, package_available
 
 logger = logging.getLogger(__name__)
+
+#: Backend name -> the package it needs (None: nothing).
+BACKENDS: dict[str, str | None] = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
 
 
 @dataclass
@@ -32,8 +37,8 @@ class TrackingConfig:
     tags: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.backend not in TRACKERS:
-            raise ValueError(f"unknown --report-to {self.backend!r}; expected one of {', '.join(TRACKERS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown --report-to {self.backend!r}; expected one of {', '.join(BACKENDS)}")
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -61,42 +66,8 @@ def numeric(values: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-class Tracker:
-    """The `none` backend and the interface of the others."""
-
-    name = "none"
-    package: str | None = None
-    distribution: str | None = None
-
-    def __init__(self, config: TrackingConfig) -> None:
-        self.config = config
-
-    @classmethod
-    def check(cls) -> None:
-        if cls.package and not package_available(cls.package):
-            raise MissingBackendError(f"--report-to {cls.name} needs {cls.distribution}, which is not installed: "
-                                      f"pip install {cls.distribution}")
-
-    def log_config(self, config: dict) -> None:
-        """The run's settings (model, grid, languages, quantization...)."""
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        """Scalars at `step` (one step per needle trial)."""
-
-    def log_image(self, tag: str, path: str | Path, step: int | None = None) -> None:
-        """A PNG written by the run (e.g. the needle grid heatmap)."""
-
-    def finish(self) -> None:
-        """Flush and close."""
-
-    def __enter__(self) -> "Tracker":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.finish()
-
-
 def _read_image(path: str | Path):
+    """(height, width, 3) uint8 array of a PNG."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
@@ -107,135 +78,103 @@ def _read_image(path: str | Path):
         return np.asarray(image.convert("RGB"))
 
 
-class TensorBoardTracker(Tracker):
-    name = "tensorboard"
-    package = "tensorboard"
-    distribution = "tensorboard"
+def _start_backend(config: TrackingConfig):
+    """accelerate's tracker for `config.backend`, started (None for `none`)."""
+    if config.backend == "none":
+        return None
+    from accelerate.tracking import TensorBoardTracker, TrackioTracker, WandBTracker
 
-    def __init__(self, config: TrackingConfig) -> None:
-        super().__init__(config)
-        from torch.utils.tensorboard import SummaryWriter
-
-        root = Path(config.log_dir or "runs")
-        self.log_dir = root / config.run_name if config.run_name else root
-        self.writer = SummaryWriter(log_dir=str(self.log_dir))
-        self._step = 0
-
-    def _next(self, step: int | None) -> int:
-        if step is None:
-            step, self._step = self._step, self._step + 1
-        return step
-
-    def log_config(self, config: dict) -> None:
-        text = json.dumps(config, indent=2, sort_keys=True, default=str)
-        self.writer.add_text("config", "```json\n" + text + "\n```", 0)
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        step = self._next(step)
-        for key, value in numeric(metrics).items():
-            self.writer.add_scalar(key, value, step)
-
-    def log_image(self, tag: str, path: str | Path, step: int | None = None) -> None:
-        self.writer.add_image(tag, _read_image(path), 0 if step is None else step, dataformats="HWC")
-
-    def finish(self) -> None:
-        self.writer.flush()
-        self.writer.close()
-
-
-class WandbTracker(Tracker):
-    name = "wandb"
-    package = "wandb"
-    distribution = "wandb"
-
-    def __init__(self, config: TrackingConfig) -> None:
-        super().__init__(config)
+    if config.backend == "tensorboard":
+        tracker = TensorBoardTracker(config.run_name or "", config.log_dir or "runs")
+    elif config.backend == "wandb":
         if config.offline:
             os.environ["WANDB_MODE"] = "offline"
-        import wandb
-
-        self.wandb = wandb
-        kwargs: dict[str, Any] = dict(project=config.project, name=config.run_name, tags=config.tags or None,
-                                      reinit="finish_previous")
+        kwargs: dict[str, Any] = dict(name=config.run_name, tags=config.tags or None, reinit="finish_previous")
         if config.log_dir:
             Path(config.log_dir).mkdir(parents=True, exist_ok=True)
             kwargs["dir"] = str(config.log_dir)
-        self.run = wandb.init(**kwargs)
-
-    def log_config(self, config: dict) -> None:
-        self.run.config.update(_flatten(json.loads(json.dumps(config, default=str))), allow_val_change=True)
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.run.log(numeric(metrics), step=step)
-
-    def log_image(self, tag: str, path: str | Path, step: int | None = None) -> None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"image {path} does not exist")
-        self.run.log({tag: self.wandb.Image(str(path))}, step=step)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.dir).parent
-
-    def finish(self) -> None:
-        self.run.finish()
-
-
-class TrackioTracker(Tracker):
-    name = "trackio"
-    package = "trackio"
-    distribution = "trackio"
-
-    def __init__(self, config: TrackingConfig) -> None:
-        super().__init__(config)
+        tracker = WandBTracker(config.project, **kwargs)  # accelerate passes its run_name as wandb's project
+    else:
         if config.log_dir:  # trackio reads its storage folder from the environment when imported
             Path(config.log_dir).mkdir(parents=True, exist_ok=True)
             os.environ["TRACKIO_DIR"] = str(Path(config.log_dir).resolve())
-        import trackio
+        tracker = TrackioTracker(config.project, name=config.run_name)
+    tracker.start()
+    return tracker
 
-        self.trackio = trackio
-        self.run = trackio.init(project=config.project, name=config.run_name)
-        self._config: dict = {}
+
+class Tracker:
+    """One run on one backend: accelerate's tracker (`backend`, None for `none`) plus what it lacks."""
+
+    def __init__(self, config: TrackingConfig) -> None:
+        self.config = config
+        self.backend = _start_backend(config)
+
+    @property
+    def run(self) -> Any:
+        """The backend's own run object (wandb/trackio run, TensorBoard SummaryWriter)."""
+        return None if self.backend is None else self.backend.tracker
+
+    @property
+    def run_dir(self) -> Path:
+        """wandb: the run's local folder (offline runs are synced from it)."""
+        return Path(self.run.dir).parent
 
     def log_config(self, config: dict) -> None:
-        self._config.update(_flatten(json.loads(json.dumps(config, default=str))))
-        try:
-            self.run.config.update(self._config)
-        except AttributeError:  # older trackio: config only at init
-            logger.debug("trackio run has no mutable config; config logged as text")
+        """The run's settings (model, grid, languages, quantization...); nested values allowed."""
+        if self.backend is None:
+            return
+        if self.config.backend == "tensorboard":  # TensorBoard's hparams take flat scalars only
+            text = json.dumps(config, indent=2, sort_keys=True, default=str)
+            self.backend.log({"config": "```json\n" + text + "\n```"}, step=0)
+        else:
+            self.backend.store_init_configuration(_flatten(json.loads(json.dumps(config, default=str))))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.trackio.log(numeric(metrics), step=step)
+        """Scalars at `step` (one step per needle trial); text and NaN are dropped."""
+        if self.backend is not None:
+            self.backend.log(numeric(metrics), step=step)
 
     def log_image(self, tag: str, path: str | Path, step: int | None = None) -> None:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"image {path} does not exist")
-        self.trackio.log({tag: self.trackio.Image(str(path))}, step=step)
+        """A PNG written by the run (e.g. the needle grid heatmap)."""
+        if self.backend is None:
+            return
+        image = _read_image(path)
+        if self.config.backend == "tensorboard":
+            self.backend.log_images({tag: image[None]}, step=0 if step is None else step, dataformats="NHWC")
+        elif self.config.backend == "wandb":
+            self.backend.log_images({tag: [image]}, step=step)
+        else:  # accelerate's trackio tracker has no log_images
+            import trackio
+
+            self.backend.log({tag: trackio.Image(str(path))}, step=step)
 
     def finish(self) -> None:
-        self.trackio.finish()
+        """Flush and close."""
+        if self.backend is not None:
+            self.backend.finish()
+
+    def __enter__(self) -> "Tracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.finish()
 
 
-TRACKERS: dict[str, type[Tracker]] = {}
-
-
-def register_tracker(cls: type[Tracker]) -> type[Tracker]:
-    """Add a backend (a `Tracker` subclass with a unique `name`)."""
-    TRACKERS[cls.name] = cls
-    return cls
-
-
-for _cls in (Tracker, TensorBoardTracker, WandbTracker, TrackioTracker):
-    register_tracker(_cls)
+def check_backend(name: str) -> None:
+    """Fail fast (before a model loads) when `--report-to` names an unknown or uninstalled backend."""
+    name = TrackingConfig(backend=name or "none").backend
+    package = BACKENDS[name]
+    if package and not package_available(package):
+        raise MissingBackendError(f"--report-to {name} needs {package}, which is not installed: pip install {package}")
 
 
 def make_tracker(backend: str | TrackingConfig = "none", **kwargs) -> Tracker:
     """A tracker for `backend` (or a full `TrackingConfig`); raises MissingBackendError with the pip hint when its
     package is absent."""
     config = backend if isinstance(backend, TrackingConfig) else TrackingConfig(backend=backend, **kwargs)
-    cls = TRACKERS[config.backend]
-    cls.check()
-    tracker = cls(config)
+    check_backend(config.backend)
+    tracker = Tracker(config)
     logger.info("reporting to %s%s", config.backend, f" ({config.log_dir})" if config.log_dir else "")
     return tracker
 
@@ -243,7 +182,7 @@ def make_tracker(backend: str | TrackingConfig = "none", **kwargs) -> Tracker:
 def add_tracking_arguments(parser) -> None:
     """`--report-to`, `--tracking-dir`, `--run-name`, `--project` for a CLI command."""
     group = parser.add_argument_group("experiment tracking")
-    group.add_argument("--report-to", default="none", choices=sorted(TRACKERS),
+    group.add_argument("--report-to", default="none", choices=sorted(BACKENDS),
                        help="log config, per-trial scores and plots to this backend (default: none)")
     group.add_argument("--tracking-dir", default=None,
                        help="local folder for the tracker's files (tensorboard logdir, wandb dir, TRACKIO_DIR)")
@@ -268,18 +207,3 @@ def log_trial(tracker: Tracker, record: dict, step: int, prefix: str = "trial") 
     if isinstance(record.get("scores"), dict):
         values[f"{prefix}/heads_credited"] = len(record["scores"])
     tracker.log_metrics(values, step=step)
-
-
-def settings_dict(obj: Any) -> dict:
-    """A dataclass config (or dict) as plain JSON-able data."""
-    if hasattr(obj, "settings"):
-        return obj.settings()
-    if hasattr(obj, "__dataclass_fields__"):
-        return asdict(obj)
-    return dict(obj)
-
-
-def check_backend(name: str) -> None:
-    """Fail fast (before a model loads) when `--report-to` names an unknown or uninstalled backend."""
-    TrackingConfig(backend=name or "none")
-    TRACKERS[name or "none"].check()

@@ -69,7 +69,7 @@ class FinetuneArguments(CheckedArguments):
 
     lora: YamlMapping = field(default_factory=YamlMapping, metadata={
         "help": "peft.LoraConfig keyword arguments, e.g. '{r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}', "
-                f"over {DEFAULT_LORA}; keys given on the command line replace those of the config file. task_type "
+                f"over {DEFAULT_LORA}; keys given as flags or Python values replace those of the config file. task_type "
                 "and the classification head's modules_to_save are set from --head"})
     use_lora: bool = field(default=True, metadata={"help": "false: full fine-tuning (small models only)"})
     max_new_tokens: int = field(default=8, metadata={"help": "generative head: answer length when predicting"})

@@ -116,8 +116,8 @@ def command_line(types: Sequence[type], argv: Sequence[str] | None = None, descr
     fields = _field_names(types)
     for action in parser._actions:
         if action.dest in fields:  # only flags actually given reach the merge; the help still shows the default
-            shown = action.default is not None and not isinstance(action, argparse._StoreFalseAction)
-            if shown and action.help is not None:
+            shown = action.default not in (None, {}) and not isinstance(action, argparse._StoreFalseAction)
+            if shown and action.help not in (None, argparse.SUPPRESS):
                 action.help += f" (default: {action.default})"
             action.default, action.required = argparse.SUPPRESS, False
     options = parser.add_argument_group("recipe")
