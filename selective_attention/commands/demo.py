@@ -54,9 +54,9 @@ def run(args: argparse.Namespace) -> int:
     from ..masking import mask_heads
     from ..modeling import text_config
     from ..needle.generate import greedy_decode, stop_token_ids
-    from ..needle.haystack import Haystack, build_prompt, check_length, load_haystack_text, prompt_template
+    from ..needle.haystack import Haystack, build_prompt, check_length, prompt_template
     from ..needle.needles import resolve_needles
-    from ..needle.rouge import rouge1_recall
+    from ..languages import get_language
     from ..cache.headwise import trial_cache
 
     if args.heads is not None and args.heads < 1:
@@ -74,9 +74,10 @@ def run(args: argparse.Namespace) -> int:
         logger.warning("no head scores for %s (none shipped, no --head-scores): the top-heads run is skipped; make "
                        "them with `selective-attention detect` and pass --head-scores", args.model)
 
-    haystack = Haystack(tokenizer, load_haystack_text(), min_tokens=args.context_tokens)
-    prompt = build_prompt(haystack, prompt_template(tokenizer, needle.question), needle, args.context_tokens,
-                          args.depth)
+    english = get_language("en")  # the same sentence and scoring rules as `detect` and `needle` in English
+    haystack = Haystack(tokenizer, english.haystack_text(), min_tokens=args.context_tokens, language=english)
+    prompt = build_prompt(haystack, prompt_template(tokenizer, needle.question, language=english), needle,
+                          args.context_tokens, args.depth)
     check_length(model, len(prompt.input_ids), args.max_new_tokens, args.context_tokens)
     stop_ids = stop_token_ids(tokenizer, model)
     policy = headwise_demo_policy(args, model, scores, len(prompt.input_ids))
@@ -89,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
         return tokenizer.decode(decoded.tokens, skip_special_tokens=True).strip()
 
     def show(label: str, text: str) -> None:
-        print(f"{label}\n    {text!r}  (ROUGE-1 recall of the needle: {100 * rouge1_recall(needle.needle, text):.0f})")
+        recall = 100 * english.rouge1_recall(needle.needle, text)
+        print(f"{label}\n    {text!r}  (ROUGE-1 recall of the needle: {recall:.0f})")
 
     print(f"{len(prompt.input_ids)}-token prompt, needle at {prompt.actual_depth:.0f}% depth: {needle.needle!r}")
     print(f"question: {needle.question}")
