@@ -145,7 +145,9 @@ def plan_layer(layer: int, num_heads: int, source: int, target: int, kv_map: lis
                     new_map[query] = len(origins)
                 origins.append([kv])
         return LayerReport(layer, source, target, "duplicate", origins, 0.0), new_map, origins
-    weights = torch.tensor([float(len(queries)) for queries in groups])
+    weights = torch.tensor([float(len(queries)) for queries in groups], dtype=torch.float64)
+    # KV x KV matrices: tiny, so the search runs on the CPU in float64 wherever the model's layers sit
+    grams = tuple(gram.detach().to("cpu", torch.float64) for gram in grams) if grams is not None else None
     contiguous = contiguous_partition(source, target)
     mean_error = relative_error(grams, weights, contiguous)
     if method == "mean":
