@@ -108,12 +108,6 @@ def check_available(name: str, device: str | torch.device | None = None) -> Quan
     return method
 
 
-def quantization_config(name: str, dtype: torch.dtype | str = torch.float32,
-                        device: str | torch.device | None = None):
-    """A transformers `quantization_config` for `from_pretrained`."""
-    return check_available(name, device).build(dtype)
-
-
 def describe(name: str | None) -> dict | None:
     """Sidecar record of a quantization choice (None when the model is not quantized)."""
     if not name:

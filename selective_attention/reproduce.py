@@ -24,17 +24,6 @@ logger = logging.getLogger(__name__)
 
 STEPS = ("retrieval", "finetune", "masked_eval", "tree_ppl", "attention_map")
 
-#: Numbers reported by the seed projects (../shared/DESIGN.md), shown beside ours.
-SEED_NUMBERS = {
-    "mnli_zero_shot": 0.34,
-    "mnli_finetuned": (0.66, 0.72),
-    "mnli_gqa_variants": (0.70, 0.74),
-    "niah_top30_masked": (0, 30),
-    "niah_random30_masked": "~100",
-    "topk10_oracle_ppl_delta": 13.6,
-}
-
-
 @dataclass
 class ReproduceConfig:
     output_dir: str = "runs/reproduce"
