@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from . import assets
 from .modeling import gguf_dequantize_kwargs
+from .placement import check_placement, parse_device_map, parse_max_memory
 
 logger = logging.getLogger(__name__)
 
@@ -65,16 +66,29 @@ def load_model(
     device: str | None = None,
     trust_remote_code: bool = False,
     quantize: str | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
     **kwargs,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model, tokenizer) in eval mode. A path ending in .gguf is dequantized on the fly.
 
     `quantize`: None, "4bit" / "8bit" (bitsandbytes, CUDA) or "int8" (torchao weight-only, CPU or CUDA); see
     `selective_attention.quantization`. The choice is kept as `model.sa_quantization` for result sidecars.
+    `device_map` ("auto", "balanced", ... or {module: device}), `max_memory` ({0: "20GiB", "cpu": "64GiB"}) and
+    `offload_folder` go to `from_pretrained` (accelerate's big-model inference; see `selective_attention.placement`).
     """
+    device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
+    check_placement(device, device_map, max_memory, offload_folder)
     name = resolve_model(model)
     load_kwargs = dict(dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
                        trust_remote_code=trust_remote_code, **kwargs)
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    if max_memory is not None:
+        load_kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        load_kwargs["offload_folder"] = str(offload_folder)
     source: str = name
     if name.endswith(".gguf"):
         if quantize:
@@ -105,5 +119,7 @@ def load_model(
         loaded.sa_quantization = quantization.describe(quantize)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    logger.info("loaded %s (%s, %s)", name, loaded.dtype, loaded.config._attn_implementation)
+    logger.info("loaded %s (%s, %s%s)", name, loaded.dtype, loaded.config._attn_implementation,
+                f", devices {sorted(set(map(str, loaded.hf_device_map.values())))}"
+                if getattr(loaded, "hf_device_map", None) else "")
     return loaded, tokenizer

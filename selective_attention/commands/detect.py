@@ -1,4 +1,7 @@
-"""`selective-attention detect`: retrieval-head scores over a needle grid (head_scores.json + sidecar)."""
+"""`selective-attention detect`: retrieval-head scores over a needle grid (head_scores.json + sidecar).
+
+`accelerate launch -m selective_attention.cli detect ...` splits the trials over the processes (see
+`selective_attention.sharding`)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from . import add_model_arguments
+from . import add_model_arguments, model_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +55,17 @@ def add_grid_arguments(parser: argparse.ArgumentParser, lengths: str, depths: st
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("detect", help="score retrieval heads on a needle-in-a-haystack grid")
-    add_model_arguments(parser)
+    add_model_arguments(parser, placement=True)
     add_grid_arguments(parser, lengths="1000,2000", depths="0:100:25")
     parser.add_argument("--output", type=Path, default=Path("head_scores.json"),
                         help="head-score file; an existing one is resumed/merged (sidecar: *.meta.json)")
     parser.add_argument("--method", default="probe", choices=["probe", "reference"],
                         help="probe: SDPA + argmax probe (fast); reference: eager decode with output_attentions")
     parser.add_argument("--no-prefix-reuse", action="store_true", help="prefill every trial from scratch")
+    parser.add_argument("--decode-batch", type=int, default=8,
+                        help="probe: decode up to this many trials of one prompt length together (1: one at a time)")
+    parser.add_argument("--rouge-threshold", type=float, default=0.5,
+                        help="a trial counts when its answer's ROUGE-1 recall of the needle exceeds this (0.5)")
     parser.add_argument("--save-inputs", action="store_true", help="store each trial's prompt token ids in the sidecar")
     parser.add_argument("--top", type=int, default=10, help="print this many top heads at the end")
     parser.add_argument("--export-duo", type=Path, default=None,
@@ -72,27 +79,32 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .. import assets
     from ..heads import rank_heads
+    from ..languages import get_language
     from ..loading import load_model
     from ..needle.detect import DetectConfig, detect
-    from ..languages import get_language
+    from ..sharding import current_shard
     from ..tracking import tracker_from_args
-    from .. import assets
 
     config = DetectConfig(lengths=args.lengths, depths=args.depths,
                           needles=get_language(args.language).resolve_needles(args.needles),
                           method=args.method, max_new_tokens=args.max_new_tokens, save_inputs=args.save_inputs,
                           haystack=args.haystack, chat=False if args.no_chat else None,
                           reuse_prefix=not args.no_prefix_reuse, language=args.language,
-                          haystack_language=args.haystack_language)
+                          haystack_language=args.haystack_language, decode_batch=args.decode_batch,
+                          rouge_threshold=args.rouge_threshold)
     from ..tracking import check_backend
 
     check_backend(args.report_to)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device,
-                                  quantize=args.quantize)
+    shard = current_shard()
+    model, tokenizer = load_model(**model_kwargs(args, shard))
+    if not shard.is_main:  # the main process reports; the others only run their trials
+        detect(model, tokenizer, config, args.output, model_name=args.model or assets.MODEL_NAME, shard=shard)
+        return 0
     with tracker_from_args(args) as tracker:
         result = detect(model, tokenizer, config, args.output, model_name=args.model or assets.MODEL_NAME,
-                        tracker=tracker)
+                        tracker=tracker, shard=shard)
         if args.report_to != "none":
             from ..plots import plot_head_scores
 

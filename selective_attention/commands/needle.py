@@ -1,17 +1,19 @@
-"""`selective-attention needle`: needle-in-a-haystack grid, optionally with retrieval heads masked."""
+"""`selective-attention needle`: needle-in-a-haystack grid, optionally with retrieval heads masked.
+
+`accelerate launch -m selective_attention.cli needle ...` splits the points over the processes."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from . import add_model_arguments
+from . import add_model_arguments, model_kwargs
 from .detect import add_grid_arguments
 
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("needle", help="needle-in-a-haystack grid with optional head masks")
-    add_model_arguments(parser)
+    add_model_arguments(parser, placement=True)
     add_grid_arguments(parser, lengths="1000,2000", depths="0:100:25")
     parser.add_argument("--output-dir", type=Path, required=True,
                         help="one JSON per test point (LLMTest_NeedleInAHaystack layout); existing points are kept")
@@ -54,9 +56,10 @@ def kv_head_scores_path(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import assets
+    from ..languages import get_language
     from ..loading import load_model
     from ..needle.evaluate import NeedleConfig, run_needle_grid
-    from ..languages import get_language
+    from ..sharding import current_shard
     from ..tracking import tracker_from_args
 
     config = NeedleConfig(lengths=args.lengths, depths=args.depths,
@@ -73,11 +76,16 @@ def run(args: argparse.Namespace) -> int:
     from ..tracking import check_backend
 
     check_backend(args.report_to)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device,
-                                  quantize=args.quantize)
+    shard = current_shard()
+    model, tokenizer = load_model(**model_kwargs(args, shard))
+    if not shard.is_main:  # the main process reports; the others only run their points
+        run_needle_grid(model, tokenizer, config, args.output_dir, model_name=args.model or assets.MODEL_NAME,
+                        label=args.label, shard=shard)
+        return 0
     with tracker_from_args(args) as tracker:
         results = run_needle_grid(model, tokenizer, config, args.output_dir,
-                                  model_name=args.model or assets.MODEL_NAME, label=args.label, tracker=tracker)
+                                  model_name=args.model or assets.MODEL_NAME, label=args.label, tracker=tracker,
+                                  shard=shard)
         if args.report_to != "none" and results:
             from ..needle.evaluate import load_manifest
             from ..plots import plot_niah

@@ -9,11 +9,13 @@ trials (Retrieval_Head format). Heads are query heads, after KV expansion.
 Two methods, identical scores:
 - ``probe`` (default): SDPA decoding through `sa_probe`, which records the argmax of the last row of each forward
   call (O(L) memory), with the KV cache of the tokens every trial shares (template header + haystack before the
-  needle) computed once and cropped per trial;
+  needle) computed once and cropped per trial, and trials of one prompt length decoded as one batch;
 - ``reference``: eager decoding step by step with `output_attentions=True`, as the reference does.
 
 Trials are keyed by (length, depth, needle); results are rewritten atomically after every trial, so an
-interrupted run resumes where it stopped and reruns merge into the same file.
+interrupted run resumes where it stopped and reruns merge into the same file. Under `accelerate launch` the
+pending trials are split over the processes (see `selective_attention.sharding`); the merged file is the one a
+single process writes.
 """
 
 from __future__ import annotations
@@ -27,13 +29,16 @@ import torch
 from tqdm.auto import tqdm
 
 from ..attention.probe import probing
-from ..heads import head_key, load_head_scores, load_sidecar, save_head_scores, sidecar_path
-from ..modeling import text_config
-from .generate import SharedPrefix, greedy_decode, reference_decode, stop_token_ids
-from .haystack import Haystack, NeedlePrompt, build_prompt, check_grid, check_length, load_haystack_text, prompt_template
-from .needles import Needle
+from ..heads import head_key, load_sidecar
 from ..languages import get_language
+from ..modeling import text_config
 from ..quantization import describe_model
+from ..sharding import Shard, current_shard, write_part
+from .batched import batch_groups, decode_batch
+from .generate import SharedPrefix, reference_decode, stop_token_ids
+from .haystack import Haystack, NeedlePrompt, build_prompt, check_grid, check_length, prompt_template
+from .needles import Needle
+from .trial_store import assemble, existing_records, fold_parts, write_records  # noqa: F401 (assemble: public)
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +63,7 @@ class DetectConfig:
     reuse_prefix: bool = True
     language: str = "en"  # needle, question and ROUGE language
     haystack_language: str | None = None  # None: same as `language`; another one: cross-lingual retrieval
+    decode_batch: int = 8  # probe: trials of one prompt length decoded together (1: one at a time)
 
     def __post_init__(self) -> None:
         self.language = get_language(self.language).code
@@ -66,6 +72,8 @@ class DetectConfig:
             raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        if self.decode_batch < 1:
+            raise ValueError(f"decode_batch must be at least 1, got {self.decode_batch}")
         self.lengths, self.depths = check_grid(self.lengths, self.depths, self.needles)
 
     def settings(self) -> dict:
@@ -109,44 +117,6 @@ class DetectResult:
     records: list[dict] = field(default_factory=list)
 
 
-def _existing(output: Path | None, model_name: str, num_layers: int, num_heads: int) -> dict[str, dict]:
-    """Trial records already in `output` (empty when it does not exist); refuses another model's file."""
-    if output is None or not output.exists():
-        return {}
-    load_head_scores(output)  # valid format
-    meta = load_sidecar(output)
-    if meta is None or "trials" not in meta:
-        raise ValueError(f"{output} exists but {sidecar_path(output).name} with its trial records does not; "
-                         "choose another output path (nothing was overwritten)")
-    theirs = (meta.get("num_layers"), meta.get("num_heads"))
-    if theirs != (num_layers, num_heads):
-        raise ValueError(f"{output} holds scores of {meta.get('model')} ({theirs[0]} layers x {theirs[1]} heads); "
-                         f"this model has {num_layers} x {num_heads} (nothing was overwritten)")
-    if meta.get("model") != model_name:
-        logger.warning("merging into %s, made with model %s (now %s)", output, meta.get("model"), model_name)
-    return {record["key"]: record for record in meta["trials"]}
-
-
-def _sort_key(record: dict) -> tuple:
-    return (record["context_length_requested"], record["depth_percent"], record["needle"])
-
-
-def assemble(records: dict[str, dict], num_layers: int, num_heads: int) -> dict[str, list[float]]:
-    """The Retrieval_Head lists: per head, its score in every counted trial, trials in grid order."""
-    counted = [r for r in sorted(records.values(), key=_sort_key) if r["counted"]]
-    return {head_key(layer, head): [r["scores"].get(head_key(layer, head), 0.0) for r in counted]
-            for layer in range(num_layers) for head in range(num_heads)}
-
-
-def _write(output: Path | None, records: dict[str, dict], meta: dict, num_layers: int, num_heads: int) -> dict:
-    scores = assemble(records, num_layers, num_heads)
-    meta["trials"] = sorted(records.values(), key=_sort_key)
-    meta["counted_trials"] = sum(1 for r in records.values() if r["counted"])
-    if output is not None:
-        save_head_scores(output, scores, meta)
-    return scores
-
-
 def plan(tokenizer, config: DetectConfig) -> tuple[Haystack, list[NeedlePrompt]]:
     """Every prompt of the grid (lengths x depths x needles)."""
     hay_language = get_language(config.haystack_language)
@@ -177,45 +147,75 @@ def _check_languages(output: Path | None, config: DetectConfig) -> None:
                          "overwritten)")
 
 
+def reuse_order(prompts: list[NeedlePrompt]) -> list[NeedlePrompt]:
+    """Prompts sorted by template header, length, needle and depth: contiguous chunks of this list (one per process)
+    share a header and the haystack's start, so each process keeps its shared-prefix reuse, and trials of one
+    length and needle (one decode batch) stay together."""
+    return sorted(prompts, key=lambda p: (p.input_ids[: p.extra["header_length"]], p.extra["length"],
+                                          p.needle.name, p.depth_percent))
+
+
 def detect(model, tokenizer, config: DetectConfig, output: str | Path | None = None,
-           model_name: str | None = None, progress: bool = True, tracker=None) -> DetectResult:
+           model_name: str | None = None, progress: bool = True, tracker=None, shard: Shard | None = None
+           ) -> DetectResult:
     """Run the grid's missing trials and (re)write `output` (head_scores.json + sidecar) after each one.
 
-    `tracker` (a `selective_attention.tracking.Tracker`) receives the config and every new trial's scalars."""
+    `tracker` (a `selective_attention.tracking.Tracker`) receives the config and every new trial's scalars.
+    `shard` (default: this process's place under `accelerate launch`): with several processes each runs its chunk
+    of the pending trials and writes its own part file; the main process merges them into `output`, and every
+    process returns the merged result."""
     started = time.perf_counter()
+    shard = shard if shard is not None else current_shard()
     text = text_config(model)
     num_layers, num_heads = text.num_hidden_layers, text.num_attention_heads
     model_name = model_name or getattr(model, "name_or_path", None) or type(model).__name__
     output = Path(output) if output is not None else None
-    records = _existing(output, model_name, num_layers, num_heads)
+    if shard.sharded and output is None:
+        raise ValueError("a sharded run (several processes) needs an output file to merge into")
     _check_languages(output, config)
     _, prompts = plan(tokenizer, config)
     for prompt in prompts:
         check_length(model, len(prompt.input_ids), config.max_new_tokens, prompt.extra["length"])
-    pending = [p for p in prompts if trial_key(p.extra["length"], p.depth_percent, p.needle) not in records]
-    logger.info("%d trials in the grid, %d already done, %d to run (%s)", len(prompts), len(prompts) - len(pending),
-                len(pending), config.method)
     meta = {"format_version": FORMAT_VERSION, "model": model_name, "num_layers": num_layers, "num_heads": num_heads,
             "num_key_value_heads": getattr(text, "num_key_value_heads", num_heads), "settings": config.settings(),
             "rouge": f"rouge-score rouge1 recall of the needle, {_rouge_note(config.language)}",
             "language": config.language, "haystack_language": config.haystack_language,
             "quantization": describe_model(model)}
+    part_meta = dict(meta)  # written into each part before `meta` collects the trials
+    if shard.is_main and output is not None:
+        fold_parts(output, meta, model_name, num_layers, num_heads)  # what an interrupted sharded run left
+    shard.wait()
+    records = existing_records(output, model_name, num_layers, num_heads)
+    pending = [p for p in prompts if trial_key(p.extra["length"], p.depth_percent, p.needle) not in records]
+    mine = shard.split(reuse_order(pending))
+    logger.info("%d trials in the grid, %d already done, %d to run (%s)%s", len(prompts), len(prompts) - len(pending),
+                len(pending), config.method, f", {len(mine)} in process {shard.rank}" if shard.sharded else "")
     if tracker is not None:
         tracker.log_config({key: value for key, value in meta.items() if key != "trials"})
     stop_ids = stop_token_ids(tokenizer, model)
-    new_records = []
-    if pending:
+    new_records: list[dict] = []
+    done = len(records)
+    if mine:
         run = _probe_trials if config.method == "probe" else _reference_trials
-        for prompt, decoded, seconds in run(model, pending, stop_ids, config, progress):
+        for prompt, decoded, seconds in run(model, mine, stop_ids, config, progress):
             record = _record(tokenizer, prompt, decoded, seconds, config)
-            records[record["key"]] = record
             new_records.append(record)
-            _write(output, records, meta, num_layers, num_heads)
+            if shard.sharded:
+                write_part(output, shard.rank, new_records, part_meta)
+            else:
+                records[record["key"]] = record
+                write_records(output, records, meta, num_layers, num_heads)
             if tracker is not None:
                 from ..tracking import log_trial
 
-                log_trial(tracker, record, step=len(records) - 1)
-    scores = _write(output, records, meta, num_layers, num_heads)
+                log_trial(tracker, record, step=done + len(new_records) - 1)
+    if shard.sharded:
+        shard.wait()
+        if shard.is_main:
+            fold_parts(output, meta, model_name, num_layers, num_heads)
+        shard.wait()
+        records = existing_records(output, model_name, num_layers, num_heads)
+    scores = write_records(output if shard.is_main else None, records, meta, num_layers, num_heads)
     return DetectResult(scores, meta, len(new_records), time.perf_counter() - started, new_records)
 
 
@@ -256,15 +256,19 @@ def _record(tokenizer, prompt: NeedlePrompt, decoded, seconds: float, config: De
 
 
 def _probe_trials(model, prompts: list[NeedlePrompt], stop_ids, config: DetectConfig, progress: bool):
-    """Probe decoding; trials share the KV cache of their common prefix (same header, haystack before needle)."""
+    """Probe decoding; trials share the KV cache of their common prefix (same header, haystack before needle), and
+    trials of one prompt length decode together. Yields (prompt, decoded, seconds: the group's time / its size)."""
     shared = SharedPrefix(model, prompts) if config.reuse_prefix else None
-    for prompt in tqdm(prompts, desc="detect (probe)", disable=not progress):
-        start = time.perf_counter()
-        cache, cached = shared.start(prompt) if shared is not None else (None, 0)
-        with probing(model, rows=1) as recorder:
-            decoded = greedy_decode(model, prompt.input_ids, stop_ids=stop_ids, max_new_tokens=config.max_new_tokens,
-                                    cache=cache, cached_length=cached, recorder=recorder)
-        yield prompt, decoded, time.perf_counter() - start
+    with tqdm(total=len(prompts), desc="detect (probe)", disable=not progress) as bar:
+        for group in batch_groups(prompts, config.decode_batch):
+            start = time.perf_counter()
+            with probing(model, rows=1) as recorder:
+                answers = decode_batch(model, group, stop_ids=stop_ids, max_new_tokens=config.max_new_tokens,
+                                       shared=shared, recorder=recorder)
+            seconds = (time.perf_counter() - start) / len(group)
+            for prompt, decoded in zip(group, answers):
+                yield prompt, decoded, seconds
+            bar.update(len(group))
 
 
 def _reference_trials(model, prompts: list[NeedlePrompt], stop_ids, config: DetectConfig, progress: bool):

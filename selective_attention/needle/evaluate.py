@@ -6,6 +6,8 @@ file exists is not run again, so an interrupted grid resumes. Score: ROUGE-1 rec
 sentence in the answer (as the reference scores it), or of the expected answer with `score_against="answer"`.
 Masks hold at prefill and decode. With `kv_cache="headwise"` every trial decodes through a head-wise KV cache
 (`selective_attention.cache`): the top (or seeded random) KV heads keep the whole context, the others sink + window.
+Under `accelerate launch` the missing points are split over the processes (`selective_attention.sharding`); each
+point is its own file, so the folder is the one a single process writes.
 """
 
 from __future__ import annotations
@@ -20,16 +22,18 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..attention.masked import MASK_MODES
-from ..heads import Head, check_head_scores, head_key, load_head_scores, load_sidecar, select_heads, validate_heads
-from ..masking import mask_heads
-from ..modeling import text_config
 from ..cache.headwise import HeadwiseHandle, parse_full, trial_cache
 from ..cache.selection import SELECTION_METHODS, headwise_policy
+from ..heads import Head, check_head_scores, head_key, load_head_scores, load_sidecar, select_heads, validate_heads
+from ..languages import get_language
+from ..masking import mask_heads
+from ..modeling import text_config
+from ..quantization import describe_model
+from ..sharding import Shard, current_shard
+from .detect import reuse_order
 from .generate import SharedPrefix, greedy_decode, stop_token_ids
 from .haystack import Haystack, NeedlePrompt, build_prompt, check_grid, check_length, prompt_template
 from .needles import Needle
-from ..languages import get_language
-from ..quantization import describe_model
 
 logger = logging.getLogger(__name__)
 
@@ -117,9 +121,12 @@ def _check_manifest(output_dir: Path, manifest: dict) -> None:
 
 
 def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Path, model_name: str | None = None,
-                    label: str | None = None, progress: bool = True, tracker=None) -> list[dict]:
+                    label: str | None = None, progress: bool = True, tracker=None, shard: Shard | None = None
+                    ) -> list[dict]:
     """Run every missing point of the grid; returns all points' results (old and new). `tracker` (see
-    `selective_attention.tracking`) receives the manifest and every new point's score."""
+    `selective_attention.tracking`) receives the manifest and every new point's score. `shard` (default: this
+    process's place under `accelerate launch`): each process runs its chunk of the missing points."""
+    shard = shard if shard is not None else current_shard()
     text = text_config(model)
     num_layers, num_heads = text.num_hidden_layers, text.num_attention_heads
     heads = resolve_mask(config.mask, num_layers, num_heads, config.head_scores, config.seed)
@@ -152,11 +159,14 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
                 check_length(model, len(prompt.input_ids), config.max_new_tokens, length)
                 prompt.extra.update(header_length=len(template.header_ids), length=length)
                 prompts.append(prompt)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(output_dir / MANIFEST, manifest)
+    if shard.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(output_dir / MANIFEST, manifest)
     pending = [p for p in prompts
                if not point_path(output_dir, p.extra["length"], p.depth_percent, p.needle).exists()]
     done = len(prompts) - len(pending)
+    shard.wait()  # every process has listed the missing points before any writes one
+    pending = shard.split(reuse_order(pending))
     if tracker is not None:
         tracker.log_config(manifest)
     logger.info("%d points, %d to run, %d heads masked (%s)", len(prompts), len(pending), len(heads),
@@ -212,6 +222,7 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
                 headwise.remove()
             if handle is not None:
                 handle.remove()
+    shard.wait()
     return load_results(output_dir)
 
 

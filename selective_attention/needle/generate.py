@@ -131,8 +131,9 @@ def reference_decode(model, input_ids: list[int], *, stop_ids: set[int], max_new
                 out = model(input_ids=feed, **cache_kwargs(cache), use_cache=True, output_attentions=True)
                 # a sliding-window layer's weights cover only its window: shift them to sequence positions
                 position = len(input_ids) - 1 + len(tokens)
-                steps.append(torch.stack([weights[0, :, -1].argmax(dim=-1) + key_offset(position, weights.shape[-1])
-                                          for weights in out.attentions]))
+                # .cpu(): with a device_map the layers' weights sit on several devices
+                steps.append(torch.stack([weights[0, :, -1].argmax(dim=-1).cpu()
+                                          + key_offset(position, weights.shape[-1]) for weights in out.attentions]))
                 token = int(out.logits[0, -1].argmax())
                 tokens.append(token)
                 if token in stop_ids or len(tokens) >= max_new_tokens:
