@@ -84,8 +84,9 @@ def test_accelerate_configs_are_valid_for_accelerate():
 
     kinds = {path.stem: ClusterConfig.from_yaml_file(str(path)).distributed_type.value
              for path in (ROOT / "recipes" / "accelerate").glob("*.yaml")}
-    assert kinds == {"cpu": "NO", "single_gpu_bf16": "NO", "multi_gpu_ddp": "MULTI_GPU", "fsdp": "FSDP",
-                     "deepspeed_zero2": "DEEPSPEED"}
+    # every file parses with accelerate's own schema; these five are the ones the recipes' docs name
+    assert kinds.items() >= {"cpu": "NO", "single_gpu_bf16": "NO", "multi_gpu_ddp": "MULTI_GPU", "fsdp": "FSDP",
+                             "deepspeed_zero2": "DEEPSPEED"}.items()
 
 
 def test_unknown_config_keys_are_named(tmp_path, capsys):
