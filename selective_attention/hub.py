@@ -95,6 +95,16 @@ def describe_variant(config: dict) -> list[str]:
                          + ", ".join(f"layer {layer}: {error:.4f}" for layer, error in changed))
         elif errors:
             lines.append("- reconstruction error: 0 in every layer (exact conversion)")
+    headwise = text.get("sa_headwise")
+    if headwise:
+        from .cache.checkpoint import kept_fraction
+
+        heads = [v for row in headwise["pattern"] for v in row]
+        length = text.get("max_position_embeddings") or 8192
+        lines.append(f"- head-wise KV cache: {sum(heads)}/{len(heads)} KV heads keep every position, the others the "
+                     f"first {headwise['sink']} + last {headwise['window']}; the cache keeps "
+                     f"{100 * kept_fraction(headwise, length):.1f}% of the KV positions at {length} tokens "
+                     "(`generate` builds it, no plugin needed)")
     return lines
 
 

@@ -15,13 +15,12 @@ import logging
 
 import torch
 from transformers import PreTrainedModel
-from transformers.cache_utils import (DYNAMIC_LAYER_TYPE_MAPPING, Cache, DynamicCache, DynamicLayer,
-                                      get_layer_types_and_kwargs)
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..attention.headwise import NAME, PLAN_ATTRIBUTE
 from ..modeling import attention_modules, check_attention_interface
-from ..modeling import cache_kwargs
-from .layer import HeadwiseLayer
+from ..modeling import cache_kwargs, cache_layer_types
+from ..models.headwise_cache_selective_llama import HeadwiseLayer
 from .policy import HeadwisePolicy, model_shape
 from .selection import headwise_policy
 
@@ -72,18 +71,15 @@ class HeadwiseCache(Cache):
 
     def __init__(self, policy: HeadwisePolicy, config, handle: HeadwiseHandle | None = None) -> None:
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-        types, layer_kwargs = get_layer_types_and_kwargs(text)
+        layers = list(DynamicCache(config=text).layers)  # what DynamicCache builds, on every 5.x release
         groups = text.num_attention_heads // (getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
-        if len(types) != policy.num_layers:
-            raise ValueError(f"head-wise policy has {policy.num_layers} layers, the config {len(types)}")
-        layers = []
-        for layer, (kind, kwargs) in enumerate(zip(types, layer_kwargs)):
+        if len(layers) != policy.num_layers:
+            raise ValueError(f"head-wise policy has {policy.num_layers} layers, the config {len(layers)}")
+        for layer, kind in enumerate(cache_layer_types(text)):
             if policy.streaming_heads(layer):
                 if kind != "full_attention":
                     raise ValueError(f"layer {layer} is a {kind} layer: its KV heads cannot stream")
-                layers.append(HeadwiseLayer(policy.plan(layer, groups)))
-            else:
-                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs))
+                layers[layer] = HeadwiseLayer(policy.plan(layer, groups))
         super().__init__(layers=layers)
         self.policy = policy
         self.handle = handle

@@ -57,6 +57,7 @@ def convert_model(
     out_dir: str | Path | None = None,
     overwrite: bool = False,
     dtype: torch.dtype = torch.float32,
+    headwise: dict | None = None,
 ) -> tuple[SelectiveLlamaForCausalLM, ConversionReport]:
     """Convert a Llama, Mistral, Qwen2 or Qwen3 model (or a selective_llama) to `selective_llama`.
 
@@ -64,6 +65,8 @@ def convert_model(
     Layers that gain heads are always duplicated (exact); layers that lose heads use `method` (mean | similarity).
     With `out_dir`, the checkpoint (+ tokenizer, `conversion_report.json`) is written to a temporary folder and
     moved into place only when complete.
+    `headwise`: keyword arguments of `selective_attention.cache.checkpoint.headwise_request` (scores, full, sink,
+    window, ...): the config then carries a head-wise KV pattern (`sa_headwise`) that `generate` uses.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -82,6 +85,11 @@ def convert_model(
     for layer in range(num_layers):  # validate every layer before any calibration work
         check_target(layer, num_heads, source_counts[layer], targets[layer],
                      query_groups(source_maps[layer], source_counts[layer]), method)
+    if headwise is not None:
+        from ..cache.checkpoint import headwise_request
+
+        headwise = headwise_request(**headwise, num_layers=num_layers, num_heads=num_heads,
+                                    context=getattr(config, "max_position_embeddings", None))
 
     merged_layers = [layer for layer in range(num_layers) if targets[layer] < source_counts[layer]]
     grams: dict[int, tuple] = {}
@@ -113,6 +121,10 @@ def convert_model(
         "layer_errors": report.errors, "groups": [row.groups for row in reports],
         "calibration_tokens": used_tokens,
     })
+    if headwise is not None:
+        from ..cache.checkpoint import checkpoint_pattern
+
+        settings["sa_headwise"] = checkpoint_pattern(headwise, maps, targets, settings.get("sliding_window_per_layer"))
     new_config = SelectiveLlamaConfig(**settings)
     new_config._attn_implementation = config._attn_implementation
     model = build_converted(source_model, new_config, reports, origins, source_counts, dtype,

@@ -1,21 +1,28 @@
 """`HeadwiseLayer`: one layer's KV cache in which the streaming KV heads really hold fewer tensors.
 
+Part of the Hub modeling code (imports only torch and transformers): a `selective_llama` config with `sa_headwise`
+builds its cache here (`headwise_cache_from_config`); selective-attention builds the same layers for any model.
+
 Full KV heads: `keys`/`values` (batch, full_kv_heads, seq_len, head_dim), every position, as `DynamicLayer`.
 Streaming KV heads: `stream_keys`/`stream_values` (batch, streaming_kv_heads, kept, head_dim). Until every row's
 sink lies before the window they hold every position; from then on `sink` slots (each row's first real positions,
 so left padding keeps the right tokens) followed by the last `window` positions (`recent_start..length-1`).
 Keys are stored after RoPE and never re-rotated: a key keeps the position it was computed at.
 
-`update` appends and hands the streaming keys to `sa_headwise_sdpa` through the returned key tensor; that function
-calls `commit` after attention, which trims (dropping a position only once no later query can see it).
+`update` appends and hands the streaming keys to the head-wise attention through the returned key tensor; it calls
+`commit` after attention, which trims (dropping a position only once no later query can see it).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
-from ..attention.headwise import LAYER_ATTRIBUTE, HeadwisePlan
+from .headwise_attention_selective_llama import LAYER_ATTRIBUTE, HeadwisePlan
+
+#: the abstract "longest cache" method of a cache layer: `get_max_length` from transformers 5.16,
+#: `get_max_cache_shape` before (this file is Hub code, so the fact is computed here, not in selective_attention)
+MAX_LENGTH_METHOD = "get_max_length" if hasattr(CacheLayerMixin, "get_max_length") else "get_max_cache_shape"
 
 
 class HeadwiseLayer(CacheLayerMixin):
@@ -53,9 +60,8 @@ class HeadwiseLayer(CacheLayerMixin):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """key/value_states (batch, kv_heads, q, head_dim) -> the full heads' keys and values, all positions."""
         if self._pending:
-            raise RuntimeError(
-                "head-wise cache updated twice without sa_headwise_sdpa in between: the model's attention "
-                f"implementation must be 'sa_headwise_sdpa' (selective_attention.headwise_cache sets it)")
+            raise RuntimeError("head-wise cache updated twice without head-wise attention in between: the model must "
+                               "attend through 'sa_headwise_sdpa' (selective_attention.headwise_cache sets it)")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         device = key_states.device
@@ -108,6 +114,9 @@ class HeadwiseLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return -1
+
+    if MAX_LENGTH_METHOD != "get_max_length":  # the same method under its name before transformers 5.16
+        get_max_cache_shape = get_max_length
 
     def kv_bytes(self) -> int:
         """Bytes held by this layer's key and value tensors."""
@@ -165,3 +174,23 @@ class HeadwiseLayer(CacheLayerMixin):
     def __repr__(self) -> str:
         return (f"HeadwiseLayer(full={self.plan.full}, streaming={self.plan.streaming}, sink={self.plan.sink}, "
                 f"window={self.plan.window}, length={self.length})")
+
+
+def config_headwise_plan(config, layer_idx: int, groups: int) -> HeadwisePlan | None:
+    """The plan of one layer from a config's `sa_headwise` ({"pattern": [[1 full / 0 streaming per KV head] per
+    layer], "sink": S, "window": W}), or None when the config has none."""
+    settings = getattr(config, "sa_headwise", None)
+    if not settings:
+        return None
+    row = [int(v) for v in settings["pattern"][layer_idx]]
+    return HeadwisePlan(tuple(h for h, v in enumerate(row) if v), tuple(h for h, v in enumerate(row) if not v),
+                        groups, int(settings["sink"]), int(settings["window"]))
+
+
+def headwise_cache_from_config(config, groups_per_layer: list[int]) -> Cache:
+    """An empty cache for a config with `sa_headwise`: `HeadwiseLayer` where a layer streams, `DynamicLayer` else."""
+    layers = []
+    for layer, groups in enumerate(groups_per_layer):
+        plan = config_headwise_plan(config, layer, groups)
+        layers.append(HeadwiseLayer(plan) if plan is not None and plan.streaming else DynamicLayer())
+    return Cache(layers=layers)

@@ -16,6 +16,9 @@ selective-attention is not installed.
 - Converted Mistral / Qwen2 / Qwen3 attention: q/k/v biases (`qkv_bias`), per-head q/k RMSNorm (`qk_norm`) and
   sliding windows (`sliding_window_per_layer`). A sliding layer keeps every key in its cache and applies the
   window in the mask (flash attention gets `sliding_window` instead): the same outputs as the source, more memory.
+- A head-wise KV pattern in the config (`sa_headwise`: full / streaming per KV head, sink, window) makes `generate`
+  build a head-wise cache and the streaming heads attend to sink + window only
+  (`headwise_*_selective_llama.py`).
 """
 
 from __future__ import annotations
@@ -40,9 +43,12 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_selective_llama import SelectiveLlamaConfig
 from .head_mask_selective_llama import ablate_after, ablate_before, config_head_masks
+from .headwise_attention_selective_llama import PLAN_ATTRIBUTE, headwise_attention
+from .headwise_cache_selective_llama import config_headwise_plan, headwise_cache_from_config
 
 MASK_ATTRIBUTE = "sa_head_mask"  # the attribute selective_attention.mask_heads sets on attention modules
 PLUGIN_PREFIX = "sa_"  # selective-attention's registered attention functions apply head masks themselves
+HEADWISE_IMPLEMENTATION = "sa_headwise_sdpa"  # selective-attention's registered head-wise attention
 
 AUTO_MAP = {
     "AutoConfig": "configuration_selective_llama.SelectiveLlamaConfig",
@@ -117,6 +123,11 @@ class SelectiveLlamaAttention(nn.Module):
         windows = config.sliding_window_per_layer
         self.sliding_window = windows[layer_idx] if windows else None
         setattr(self, MASK_ATTRIBUTE, config_head_masks(config).get(layer_idx))
+        plan = config_headwise_plan(config, layer_idx, group)
+        if plan is not None and plan.streaming and (not self.contiguous or self.sliding_window is not None):
+            raise ValueError(f"layer {layer_idx}: head-wise streaming needs a full-attention layer with contiguous "
+                             "query groups")
+        setattr(self, PLAN_ATTRIBUTE, plan)
 
     def kv_index(self, device) -> torch.Tensor:
         if device not in self._kv_index:
@@ -164,6 +175,13 @@ class SelectiveLlamaAttention(nn.Module):
         if own_mask is not None:
             query_states = ablate_before(own_mask, query_states)
 
+        plan = getattr(self, PLAN_ATTRIBUTE, None)
+        if plan is not None and plan.streaming and implementation != HEADWISE_IMPLEMENTATION:
+            if implementation.startswith(PLUGIN_PREFIX):
+                raise ValueError(f"a head-wise selective_llama attends through {HEADWISE_IMPLEMENTATION!r} or a base "
+                                 f"implementation, not {implementation!r}")
+            kwargs["attention"] = attention_interface  # each head group runs the model's own kernel
+            attention_interface = headwise_attention
         attn_output, attn_weights = attention_interface(
             self,
             query_states,
@@ -232,6 +250,16 @@ class SelectiveLlamaForCausalLM(SelectiveLlamaPreTrainedModel, LlamaForCausalLM)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """With `sa_headwise` in the config, `generate` uses a head-wise cache unless the caller passed a cache."""
+        given = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        result = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if getattr(self.config, "sa_headwise", None) and given is None and generation_config.use_cache is not False:
+            name = "cache" if "cache" in model_kwargs else "past_key_values"
+            groups = [layer.self_attn.num_key_value_groups for layer in self.model.layers]
+            model_kwargs[name] = headwise_cache_from_config(self.config, groups)
+        return result
 
 
 class SelectiveLlamaForSequenceClassification(SelectiveLlamaPreTrainedModel, LlamaForSequenceClassification):
