@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from ..masking import mask_heads
+from ..models.convert import convert_model
 from . import nli, nli_data
 from .arguments import DataArguments, FinetuneArguments, ModelArguments
 from .io import RUN_MARKER, prepare_output_dir, write_json, write_jsonl
@@ -61,8 +62,6 @@ def _source(data: DataArguments) -> str:
 
 def _convert(model: ModelArguments, recipe: FinetuneArguments, output_dir: Path, state) -> Path:
     """Variable-group GQA conversion by `selective_attention.models.convert` (main process writes, others wait)."""
-    from ..models.convert import convert_model
-
     target = (output_dir / "converted").resolve()  # absolute: the adapter records it as its base model
     if state.is_main_process:
         _, report = convert_model(model_source(model.model), recipe.convert_kv_heads, recipe.convert_method,
