@@ -1,126 +1,284 @@
-"""Retrieval-head detection speed: `--method probe` vs `--method reference` on the same grid, in one run.
+"""Retrieval-head detection against its compute floor, its memory against context length, and sharded wall time.
 
-Each method runs in its own subprocess (so peak memory is its own): the reference loop (eager decode with
-`output_attentions=True`, full prefill per trial), the probe without the shared-prefix cache, and the probe as
-shipped. Prints wall time, the speed ratio against the reference, peak memory (RSS on CPU, allocated on CUDA), and
-whether the head-score files are identical. Writes benchmarks/results/detect_speed.json and .md.
+Three sections, each in its own subprocesses, written to benchmarks/results/detect_speed.{json,md}:
 
-    python benchmarks/detect_speed.py                      # SmolLM2, 2K tokens, depths 0..100 step 25
-    python benchmarks/detect_speed.py --lengths 1000,2000 --depths 0:100:10
+- **speed** (one process, variants interleaved `--repeats` times, fastest run kept): the *floor* is the same
+  forward passes with no probe (the shared prefix once, each trial's unshared suffix once, its greedy answer at
+  SDPA decode speed, one trial at a time); the floor with trials of one prompt length decoded as a batch; the probe
+  one trial at a time; the probe as shipped (batched decode). The reference loop (eager, `output_attentions=True`,
+  full prefill per trial) runs in its own process. Ratios are to the floor; scores and answers are compared with
+  the reference's.
+- **memory**: one trial (depth 50) per context length and method, each in a fresh process; peak memory of
+  `detect` above the loaded model (peak RSS reset after loading on CPU, `max_memory_allocated` on CUDA), with
+  the KV cache's own size for scale.
+- **shard**: the `detect` command on a grid with 1 process and with `accelerate launch` on N processes (wall time
+  including process start and model load; identical head-score files).
+
+    python benchmarks/detect_speed.py                       # 2 lengths x 5 depths x 2 needles at 1K-2K tokens
+    python benchmarks/detect_speed.py --sections memory --memory-lengths 1000,2000,4000,8000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-VARIANTS = {"reference": ("reference", True), "probe (no prefix reuse)": ("probe", False), "probe": ("probe", True)}
+SPEED_VARIANTS = ("floor", "floor (batched decode)", "probe (one trial at a time)", "probe")
 
 
-def worker(args: argparse.Namespace) -> None:
+def _setup(args):
     import torch
 
     from selective_attention.loading import load_model
-    from selective_attention.needle.detect import DetectConfig, detect
-    from selective_attention.needle.needles import resolve_needles
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    method, reuse = VARIANTS[args.worker]
-    model, tokenizer = load_model(args.model, device=args.device)
-    config = DetectConfig(lengths=args.lengths, depths=args.depths, needles=resolve_needles(args.needles),
-                          method=method, max_new_tokens=args.max_new_tokens, reuse_prefix=reuse)
-    if torch.cuda.is_available() and model.device.type == "cuda":
+    return load_model(args.model, device=args.device)
+
+
+def _config(args, **overrides):
+    from selective_attention.needle.detect import DetectConfig
+    from selective_attention.needle.needles import resolve_needles
+
+    settings = dict(lengths=args.lengths, depths=args.depths, needles=resolve_needles(args.needles),
+                    max_new_tokens=args.max_new_tokens)
+    return DetectConfig(**{**settings, **overrides})
+
+
+def floor(model, tokenizer, config, batch: int) -> dict[str, list[int]]:
+    """The grid's forward passes with no probe: prefix once, each suffix once, greedy answers (plain SDPA)."""
+    from selective_attention.needle.batched import batch_groups, decode_batch
+    from selective_attention.needle.detect import plan, reuse_order, trial_key
+    from selective_attention.needle.generate import SharedPrefix, greedy_decode, stop_token_ids
+
+    _, prompts = plan(tokenizer, config)
+    prompts = reuse_order(prompts)
+    stop = stop_token_ids(tokenizer, model)
+    shared = SharedPrefix(model, prompts)
+    answers = {}
+    for group in batch_groups(prompts, batch):
+        if batch == 1:
+            cache, cached = shared.start(group[0])
+            decoded = [greedy_decode(model, group[0].input_ids, stop_ids=stop, max_new_tokens=config.max_new_tokens,
+                                     cache=cache, cached_length=cached)]
+        else:
+            decoded = decode_batch(model, group, stop_ids=stop, max_new_tokens=config.max_new_tokens, shared=shared)
+        for prompt, answer in zip(group, decoded):
+            answers[trial_key(prompt.extra["length"], prompt.depth_percent, prompt.needle)] = answer.tokens
+    return answers
+
+
+def speed_worker(args) -> dict:
+    from selective_attention.heads import load_sidecar
+    from selective_attention.needle.detect import detect
+
+    model, tokenizer = _setup(args)
+    config = _config(args)
+    best: dict[str, float] = {}
+    best_cpu: dict[str, float] = {}
+    outputs: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            order = SPEED_VARIANTS if repeat % 2 == 0 else SPEED_VARIANTS[::-1]  # no variant always first
+            for name in order:
+                output = Path(tmp) / f"{name.replace(' ', '_')}-{repeat}.json"
+                start, cpu = time.perf_counter(), time.process_time()
+                if name.startswith("floor"):
+                    answers = floor(model, tokenizer, config, batch=8 if "batched" in name else 1)
+                else:
+                    detect(model, tokenizer, replace(config, decode_batch=1 if "one trial" in name else 8), output,
+                           model_name="benchmark", progress=False)
+                    answers = {r["key"]: r["response_ids"] for r in load_sidecar(output)["trials"]}
+                seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+                best[name] = min(best.get(name, float("inf")), seconds)
+                best_cpu[name] = min(best_cpu.get(name, float("inf")), cpu)
+                outputs[name] = {"answers": answers,
+                                 "scores": json.loads(output.read_text()) if output.exists() else None}
+                print(f"  {name}: {seconds:.1f}s ({cpu:.1f}s CPU)", file=sys.stderr, flush=True)
+    return {"seconds": best, "cpu_seconds": best_cpu, "outputs": outputs,
+            "generated_tokens": sum(len(t) for t in outputs["probe"]["answers"].values())}
+
+
+def reference_worker(args) -> dict:
+    from selective_attention.needle.detect import detect
+
+    model, tokenizer = _setup(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        output = Path(tmp) / "reference.json"
+        start, cpu = time.perf_counter(), time.process_time()
+        result = detect(model, tokenizer, _config(args, method="reference"), output, model_name="benchmark",
+                        progress=False)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return {"seconds": seconds, "cpu_seconds": cpu, "scores": json.loads(output.read_text()),
+                "answers": {r["key"]: r["response_ids"] for r in result.meta["trials"]}}
+
+
+def _rss_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def memory_worker(args) -> dict:
+    import torch
+
+    from selective_attention.modeling import text_config
+    from selective_attention.needle.detect import detect
+
+    model, tokenizer = _setup(args)
+    config = _config(args, lengths=[args.length], depths=[50.0], method=args.method,
+                     needles=_config(args).needles[:1])
+    with torch.inference_mode():  # touch every weight first: a loaded checkpoint may still be paged in lazily
+        model(input_ids=torch.tensor([tokenizer("warm up")["input_ids"]], device=model.device))
+    cuda = model.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated() / 2**20
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    result = detect(model, tokenizer, config, args.output, model_name="benchmark", progress=False)
-    seconds = time.perf_counter() - start
-    if model.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        memory = "cuda max allocated"
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        memory = "process peak RSS"
-    tokens = sum(len(r["response_ids"]) for r in result.meta["trials"])
-    print(json.dumps({"seconds": seconds, "peak_mib": peak, "memory": memory, "trials": result.new_trials,
-                      "generated_tokens": tokens, "counted": result.meta["counted_trials"]}))
+        base = _rss_mib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM) to the current RSS
+    result = detect(model, tokenizer, config, None, model_name="benchmark", progress=False)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mib("VmHWM")
+    text = text_config(model)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    prompt = result.meta["trials"][0]["prompt_tokens"]
+    kv = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * prompt * model.dtype.itemsize / 2**20
+    return {"prompt_tokens": prompt, "model_mib": base, "peak_mib": peak, "above_model_mib": peak - base,
+            "kv_cache_mib": kv, "memory": "cuda allocated" if cuda else "process RSS"}
+
+
+def _run_worker(args, worker: str, *extra: str) -> dict:
+    command = [sys.executable, __file__, "--worker", worker, "--lengths", args.raw_lengths, "--depths", args.raw_depths,
+               "--needles", args.needles, "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
+               "--repeats", str(args.repeats), *extra]
+    command += ["--model", args.model] if args.model else []
+    command += ["--device", args.device] if args.device else []
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"{worker} {' '.join(extra)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def shard_section(args) -> dict:
+    """The detect command, 1 process vs `accelerate launch` with N: wall time and identical files."""
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for processes in (1, args.shard_processes):
+            output = Path(tmp) / f"p{processes}.json"
+            cli = ["-m", "selective_attention.cli", "--log-level", "WARNING", "detect", "--lengths", args.shard_lengths,
+                   "--depths", args.raw_depths, "--needles", args.needles, "--max-new-tokens",
+                   str(args.max_new_tokens), "--output", str(output)]
+            cli += ["--model", args.model] if args.model else []
+            launcher = [sys.executable] if processes == 1 else [
+                sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "recipes/accelerate/multi_gpu_shard.yaml"), "--num_processes", str(processes)]
+            threads = max(1, (os.cpu_count() or 1) // processes)
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            start = time.perf_counter()
+            done = subprocess.run(launcher + cli, capture_output=True, text=True, env=env, check=False)
+            if done.returncode != 0:
+                sys.exit(f"detect with {processes} processes failed:\n{done.stderr[-3000:]}")
+            rows[processes] = {"seconds": round(time.perf_counter() - start, 1), "threads_per_process": threads,
+                               "scores": output.read_text()}
+    same = rows[1].pop("scores") == rows[args.shard_processes].pop("scores")
+    return {"lengths": args.shard_lengths, "processes": rows, "identical_files": same,
+            "speedup": round(rows[1]["seconds"] / rows[args.shard_processes]["seconds"], 2)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--lengths", default="2000")
+    parser.add_argument("--lengths", default="1000,2000")
     parser.add_argument("--depths", default="0:100:25")
-    parser.add_argument("--needles", default="sf")
+    parser.add_argument("--needles", default="sf,violin")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=2, help="speed: runs of each variant (fastest kept)")
+    parser.add_argument("--memory-lengths", default="1000,2000,4000,8000")
+    parser.add_argument("--shard-lengths", default="1000", help="shard: context lengths of the sharded grid")
+    parser.add_argument("--shard-processes", type=int, default=2)
+    parser.add_argument("--sections", default="speed,memory,shard")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--output", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--method", default="probe", help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from selective_attention.commands.detect import parse_numbers
 
-    raw_lengths, raw_depths = args.lengths, args.depths
+    args.raw_lengths, args.raw_depths = args.lengths, args.depths
     args.lengths, args.depths = parse_numbers(args.lengths, int), parse_numbers(args.depths)
     if args.worker:
-        worker(args)
+        workers = {"speed": speed_worker, "reference": reference_worker, "memory": memory_worker}
+        print(json.dumps(workers[args.worker](args)))
         return
-
-    rows = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in VARIANTS:
-            output = Path(tmp) / f"{name.replace(' ', '_')}.json"
-            command = [sys.executable, __file__, "--worker", name, "--output", str(output), "--lengths", raw_lengths,
-                       "--depths", raw_depths, "--needles", args.needles, "--max-new-tokens", str(args.max_new_tokens),
-                       "--threads", str(args.threads)]
-            if args.model:
-                command += ["--model", args.model]
-            if args.device:
-                command += ["--device", args.device]
-            print(f"running {name} ...", flush=True)
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
-            rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
-            rows[name]["scores"] = json.loads(output.read_text())
-            meta = json.loads(output.with_name(output.stem + ".meta.json").read_text())
-            rows[name]["responses"] = [r["response_ids"] for r in meta["trials"]]
-
-    base = rows["reference"]
-    report = {"model": args.model or "SmolLM2-135M-Instruct (embedded)", "lengths": args.lengths, "depths": args.depths,
-              "needles": args.needles, "max_new_tokens": args.max_new_tokens, "threads": args.threads or "default",
-              "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "methods": {}}
-    for name, row in rows.items():
-        report["methods"][name] = {
-            "seconds": round(row["seconds"], 2), "speedup_vs_reference": round(base["seconds"] / row["seconds"], 2),
-            "peak_mib": round(row["peak_mib"], 1), "memory": row["memory"], "trials": row["trials"],
-            "generated_tokens": row["generated_tokens"], "counted_trials": row["counted"],
-            "scores_identical_to_reference": row["scores"] == base["scores"],
-            "answers_identical_to_reference": row["responses"] == base["responses"],
-        }
+    report = _load_previous()
+    report.update(model=args.model or "SmolLM2-135M-Instruct (embedded)", threads=args.threads or "default",
+                  machine=f"{platform.machine()}, {os.cpu_count()} cores",
+                  max_new_tokens=args.max_new_tokens)
+    sections = args.sections.split(",")
+    if "speed" in sections:
+        print("speed: floor and probe variants ...", file=sys.stderr, flush=True)
+        speed = _run_worker(args, "speed")
+        print("speed: reference ...", file=sys.stderr, flush=True)
+        reference = _run_worker(args, "reference")
+        report["speed"] = _speed_rows(args, speed, reference)
+    if "memory" in sections:
+        report["memory"] = {}
+        for length in parse_numbers(args.memory_lengths, int):
+            for method in ("probe", "reference"):
+                print(f"memory: {method} at {length} ...", file=sys.stderr, flush=True)
+                row = _run_worker(args, "memory", "--method", method, "--length", str(length))
+                report["memory"].setdefault(str(length), {})[method] = {k: round(v, 1) if isinstance(v, float) else v
+                                                                       for k, v in row.items()}
+    if "shard" in sections:
+        print("shard: 1 vs N processes ...", file=sys.stderr, flush=True)
+        report["shard"] = shard_section(args)
+    report.setdefault("commands", {}).update({s: "python benchmarks/detect_speed.py " + " ".join(sys.argv[1:])
+                                              for s in sections})
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "detect_speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = ["# Retrieval-head detection: probe vs reference", "",
-             f"Model {report['model']}, context lengths {args.lengths}, depths {args.depths}, needles {args.needles}, "
-             f"max {args.max_new_tokens} new tokens, torch threads {report['threads']}, {report['machine']}.",
-             "Command: `python benchmarks/detect_speed.py " + " ".join(sys.argv[1:]) + "`", "",
-             "| method | seconds | speed-up vs reference | peak memory (MiB) | identical scores | identical answers |",
-             "|---|---:|---:|---:|:---:|:---:|"]
-    for name, row in report["methods"].items():
-        lines.append(f"| {name} | {row['seconds']} | {row['speedup_vs_reference']}x | {row['peak_mib']} "
-                     f"({row['memory']}) | {'yes' if row['scores_identical_to_reference'] else 'NO'} | "
-                     f"{'yes' if row['answers_identical_to_reference'] else 'NO'} |")
-    (RESULTS / "detect_speed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    from detect_speed_report import markdown
+
+    text = markdown(report)
+    (RESULTS / "detect_speed.md").write_text(text)
+    print(text)
+
+
+def _load_previous() -> dict:
+    """Sections not rerun keep their last numbers (each section names its own command)."""
+    path = RESULTS / "detect_speed.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    return previous if "speed" in previous or "memory" in previous else {}
+
+
+def _speed_rows(args, speed: dict, reference: dict) -> dict:
+    rows = {}
+    for name in (*SPEED_VARIANTS, "reference"):
+        seconds = reference["seconds"] if name == "reference" else speed["seconds"][name]
+        cpu = reference["cpu_seconds"] if name == "reference" else speed["cpu_seconds"][name]
+        out = reference if name == "reference" else speed["outputs"][name]
+        rows[name] = {"seconds": round(seconds, 2), "ratio_to_floor": round(seconds / speed["seconds"]["floor"], 3),
+                      "cpu_seconds": round(cpu, 2),
+                      "cpu_ratio_to_floor": round(cpu / speed["cpu_seconds"]["floor"], 3),
+                      "answers_identical_to_reference": out["answers"] == reference["answers"],
+                      "scores_identical_to_reference": None if out.get("scores") is None
+                      else out["scores"] == reference["scores"]}
+    return {"lengths": args.lengths, "depths": args.depths, "needles": args.needles, "repeats": args.repeats,
+            "trials": len(reference["answers"]), "generated_tokens": speed["generated_tokens"], "rows": rows}
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

@@ -17,6 +17,7 @@ from selective_attention.needle.evaluate import NeedleConfig, run_needle_grid
 from selective_attention.needle.generate import stop_token_ids
 from selective_attention.needle.needles import resolve_needles
 from selective_attention.placement import check_placement, parse_device_map, parse_max_memory
+from selective_attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
 from tests.conftest import build_tiny, tiny_llama_config
 
 SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
@@ -72,6 +73,29 @@ def test_split_model_detects_and_masks_like_the_whole_one(tmp_path, model_dir):
     answers = lambda results: [(r["context_length"], r["depth_percent"], r["model_response"]) for r in results]
     assert answers(whole_masked) == answers(split_masked)
     assert answers(whole_masked) != answers(unmasked)  # the mask changes the answers, on the split model too
+
+    # head-wise KV cache: half the KV heads keep sink 4 + window 16 of a 64-96 token context
+    headwise = NeedleConfig(lengths=[64, 96], depths=[0, 100], needles=resolve_needles("sf"), max_new_tokens=6,
+                            kv_cache="headwise", kv_select="random", full_kv_heads="0.5", sink=4, window=16)
+    whole_headwise = run_needle_grid(whole, tokenizer, headwise, tmp_path / "whole_hw", model_name="t", progress=False)
+    split_headwise = run_needle_grid(split, tokenizer, headwise, tmp_path / "split_hw", model_name="t", progress=False)
+    assert answers(whole_headwise) == answers(split_headwise)
+    assert answers(whole_headwise) != answers(unmasked)
+
+
+@pytest.mark.parametrize("method", ["topk", "bound"])
+def test_split_model_runs_the_tree_kernel_like_the_whole_one(tmp_path, model_dir, method):
+    whole, tokenizer = load_model(model_dir, dtype=torch.float64)
+    split, _ = load_model(model_dir, dtype=torch.float64, device_map=SPLIT, offload_folder=tmp_path / "offload")
+    ids = torch.randint(0, len(tokenizer), (1, 80), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for model in (whole, split):
+        dense = model(ids).logits
+        configure_tree_kernel(model, TreeKernelConfig(method=method, fraction=0.25, leaf_block=4))
+        logits.append(model(ids).logits)
+        configure_tree_kernel(model, None)
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-10)
+    assert (logits[0] - dense).abs().max() > 1e-6  # a quarter of the keys: not the dense result
 
 
 def test_placement_arguments_are_checked_before_loading(tmp_path):

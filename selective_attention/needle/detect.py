@@ -259,12 +259,12 @@ def _probe_trials(model, prompts: list[NeedlePrompt], stop_ids, config: DetectCo
     """Probe decoding; trials share the KV cache of their common prefix (same header, haystack before needle), and
     trials of one prompt length decode together. Yields (prompt, decoded, seconds: the group's time / its size)."""
     shared = SharedPrefix(model, prompts) if config.reuse_prefix else None
-    with tqdm(total=len(prompts), desc="detect (probe)", disable=not progress) as bar:
+    with tqdm(total=len(prompts), desc="detect (probe)", disable=not progress) as bar, \
+            probing(model, rows=1) as recorder:
         for group in batch_groups(prompts, config.decode_batch):
             start = time.perf_counter()
-            with probing(model, rows=1) as recorder:
-                answers = decode_batch(model, group, stop_ids=stop_ids, max_new_tokens=config.max_new_tokens,
-                                       shared=shared, recorder=recorder)
+            answers = decode_batch(model, group, stop_ids=stop_ids, max_new_tokens=config.max_new_tokens,
+                                   shared=shared, recorder=recorder)
             seconds = (time.perf_counter() - start) / len(group)
             for prompt, decoded in zip(group, answers):
                 yield prompt, decoded, seconds
