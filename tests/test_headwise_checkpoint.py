@@ -107,3 +107,18 @@ def test_bad_headwise_request_refused_before_conversion(request_settings, messag
     source = build_tiny(tiny_llama_config(max_position_embeddings=64))
     with pytest.raises(ValueError, match=message):
         convert_model(source, "2", headwise={"scores": None, "sink": 2, "window": 6, **request_settings})
+
+
+def test_cli_convert_headwise(tmp_path):
+    from selective_attention.cli import main
+
+    build_tiny(tiny_llama_config(max_position_embeddings=64)).save_pretrained(tmp_path / "tiny")
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps(SCORES))
+    assert main(["convert", "--model", str(tmp_path / "tiny"), "--kv-heads", "2", "--out", str(tmp_path / "out"),
+                 "--headwise-full", "0.5", "--head-scores", str(scores), "--sink", "2", "--window", "6"]) == 0
+    settings = json.loads((tmp_path / "out" / "config.json").read_text())["sa_headwise"]
+    assert settings == {"pattern": [[1, 0], [0, 1]], "sink": 2, "window": 6}
+    assert main(["convert", "--model", str(tmp_path / "tiny"), "--kv-heads", "2", "--out", str(tmp_path / "bad"),
+                 "--headwise-full", "0.5", "--sink", "2", "--window", "6"]) == 2  # no scores: refused
+    assert not (tmp_path / "bad").exists()

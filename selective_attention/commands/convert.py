@@ -20,6 +20,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--calibration-file", action="append", default=None,
                         help="text file(s) for similarity/error calibration (default: the haystack essays)")
     parser.add_argument("--calibration-tokens", type=int, default=512)
+    parser.add_argument("--headwise-full", default=None,
+                        help="write a head-wise KV pattern into the checkpoint: KV heads kept full, a count (23) or a "
+                             "fraction (0.25); the others keep --sink + --window positions when generating")
+    parser.add_argument("--head-scores", default=None, help="head_scores.json choosing the full KV heads")
+    parser.add_argument("--sink", type=int, default=64)
+    parser.add_argument("--window", type=int, default=256)
     parser.set_defaults(func=run)
 
 
@@ -34,9 +40,15 @@ def run(args: argparse.Namespace) -> int:
         if missing:
             raise FileNotFoundError(f"calibration file(s) not found: {', '.join(missing)}")
         texts = [Path(name).read_text(encoding="utf-8") for name in args.calibration_file]
+    headwise = None
+    if args.headwise_full is not None:
+        from ..cache.headwise import parse_full
+
+        headwise = dict(scores=args.head_scores, full=parse_full(args.headwise_full), sink=args.sink,
+                        window=args.window)
     _, report = convert_model(args.model, args.kv_heads, args.method, texts, out_dir=args.out,
                               overwrite=args.overwrite, dtype=resolve_dtype(args.dtype),
-                              calibration_tokens=args.calibration_tokens)
+                              calibration_tokens=args.calibration_tokens, headwise=headwise)
     print(f"converted {report.source} ({args.method}, {report.calibration_tokens} calibration tokens) -> {args.out}")
     print(report.table())
     return 0
