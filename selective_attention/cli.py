@@ -8,7 +8,7 @@ import logging
 import sys
 
 #: Subcommands in the order `--help` lists them; "a-b" lives in commands/a_b.py, which defines `add_parser`.
-COMMANDS = ["assets", "demo", "attention-map", "convert", "push", "detect", "needle", "plot", "tree_ppl", "kernel_analysis", "compare", "reproduce"]
+COMMANDS = ["assets", "demo", "attention-map", "convert", "push", "detect", "needle", "plot", "tree_ppl", "passkey", "kernel_analysis", "compare", "reproduce"]
 
 
 def build_parser() -> argparse.ArgumentParser:

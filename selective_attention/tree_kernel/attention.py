@@ -23,6 +23,7 @@ from .config import FEATURE_METHODS, SAMPLED_METHODS, TreeKernelConfig
 from .feature_maps import feature_map, random_features
 from .key_tree import KeyTree
 from .ops import row_mask
+from .rescore import rescore_rows
 from .sampled import sampled_rows
 from .topk import topk_rows
 
@@ -44,7 +45,7 @@ def _trees(module: nn.Module) -> dict:
 
 def _tree(module, config: TreeKernelConfig, key, value, key_valid, q_len: int, scaling: float) -> KeyTree:
     """The module's incrementally maintained tree for this method (rebuilt when the cache does not extend it)."""
-    if config.method == "bound" and config.descent == "flat":
+    if config.method == "rescore" or (config.method == "bound" and config.descent == "flat"):
         spec = ("bound", config.leaf_block, ("ksum", "vsum", "kbox"), None)
     elif config.method == "bound":
         spec = ("bound", config.leaf_block, ("ksum", "vsum", "kmin", "kmax"), None)
@@ -83,7 +84,7 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
     `attention_mask`: None (causal) or a 4D bool/additive mask (B or 1, 1, Q, kv). Without `module` the key tree
     is built from scratch (the module carries the incremental tree between decode steps). `softcap`: attention
-    logit soft-capping (Gemma 2), supported by dense, topk and flat bound.
+    logit soft-capping (Gemma 2), supported by dense, topk, flat bound and rescore.
     """
     batch, q_heads, q_len, dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
@@ -97,7 +98,8 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         raise ValueError(f"{q_len} queries but only {kv_len} keys")
     scaling = dim ** -0.5 if scaling is None else float(scaling)
     dtype = query.dtype
-    query, key, value = query.float(), key.float().contiguous(), value.float().contiguous()
+    # keys and values stay in the cache's dtype: each selector casts only what it reads
+    query = query.float()
     rows = row_mask(attention_mask, batch, q_len, kv_len, query.device)  # per-row visibility, window included
     key_valid = rows.any(1) if attention_mask is not None else None  # (B, kv) non-padding keys (builds the tree)
     positions = torch.arange(q_len, device=query.device) + (kv_len - q_len)
@@ -110,27 +112,28 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     prefix_walk = config.walks_prefixes
     if softcap is not None and prefix_walk:
         raise ValueError(f"tree-kernel method {config.method!r} (descent {config.descent!r}) does not support "
-                         "attention logit soft-capping: use dense, topk or bound with descent='flat'")
+                         "attention logit soft-capping: use dense, topk, rescore or bound with descent='flat'")
     if windowed and prefix_walk:
         raise ValueError(f"tree-kernel method {config.method!r} (descent {config.descent!r}) walks causal prefixes "
-                         "and cannot honour a sliding window: use dense, topk or bound with descent='flat', or "
+                         "and cannot honour a sliding window: use dense, topk, rescore or bound with descent='flat', "
+                         "or "
                          "restrict `layers` to full-attention layers")
     n_rep = q_heads // kv_heads
     if config.method == "dense":
-        keys, values = key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1)
+        keys, values = key.float().repeat_interleave(n_rep, 1), value.float().repeat_interleave(n_rep, 1)
         if softcap is None:
             output = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=rows[:, None],
                                                                       scale=scaling)
         else:  # (B, Hq, Q, kv) capped scores, as the model's eager attention computes them
             scores = torch.tanh(torch.matmul(query, keys.transpose(-1, -2)) * scaling / softcap) * softcap
             output = torch.matmul(torch.softmax(scores.masked_fill(~rows[:, None], float("-inf")), -1), values)
-        config.stats.add(q_len * batch, float(visible.sum()), float(visible.sum()), float(visible.sum()))
+        config.stats.add(visible, None, visible)
         return output.transpose(1, 2).contiguous().to(dtype), None
     budgets = config.budgets(visible)
     grouped = query.view(batch, kv_heads, n_rep, q_len, dim)
     holder = module if module is not None else nn.Module()
     tree = None
-    if config.method in ("bound",) + SAMPLED_METHODS:
+    if config.method in ("bound", "rescore") + SAMPLED_METHODS:
         tree = _tree(holder, config, key, value, key_valid, q_len, scaling)
     outputs = []
     for start in range(0, q_len, config.row_chunk):
@@ -139,6 +142,8 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                 visible[:, start:stop])
         if config.method == "topk":
             out = topk_rows(config, key, value, *part, scaling, softcap)
+        elif config.method == "rescore":
+            out = rescore_rows(config, tree, key, value, *part, scaling, windowed, softcap)
         elif config.method == "bound" and config.descent == "flat":
             out = flat_bound_rows(config, tree, key, value, *part, scaling, windowed, softcap)
         elif config.method == "bound":
@@ -176,12 +181,12 @@ def configure_tree_kernel(model: nn.Module, config: TreeKernelConfig | None) -> 
         prefix_walk = config.walks_prefixes
         if prefix_walk and getattr(text, "attn_logit_softcapping", None):
             raise ValueError(f"tree-kernel method {config.method!r} (descent {config.descent!r}) does not support "
-                             "attention logit soft-capping: use dense, topk or bound with descent='flat'")
+                             "attention logit soft-capping: use dense, topk, rescore or bound with descent='flat'")
         sliding = sorted(sliding_window_layers(model.config) & set(config.layers or modules))
         if sliding and prefix_walk:
             raise ValueError(f"tree-kernel method {config.method!r} (descent {config.descent!r}) walks causal "
-                             f"prefixes and cannot honour the sliding window of layers {sliding}: use dense, topk or "
-                             "bound with descent='flat', or choose full-attention layers with `layers`")
+                             f"prefixes and cannot honour the sliding window of layers {sliding}: use dense, topk, "
+                             "rescore or bound with descent='flat', or choose full-attention layers with `layers`")
         logger.info("tree kernel %s on %s layers (head dim %d)", config.method,
                     "all" if config.layers is None else len(config.layers), head_dim)
     for layer_modules in modules.values():

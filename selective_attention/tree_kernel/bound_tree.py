@@ -19,7 +19,8 @@ from .key_tree import KeyTree, prefix_roots
 from .ops import Softmax, dot_rows, gather_counts, gather_nodes, reduce_heads
 
 
-def tree_bound_rows(config: TreeKernelConfig, tree: KeyTree, key, value, key_valid, query, positions, rows, budgets, visible, scaling):
+def tree_bound_rows(config: TreeKernelConfig, tree: KeyTree, key, value, key_valid, query, positions, rows, budgets,
+                    visible, scaling):
     """Hierarchical top-W descent on the min/max bound; exact on kept leaves, estimated on the rest."""
     batch, kv_heads, n_rep, q_len, dim = query.shape
     block, device = tree.block, query.device
@@ -37,6 +38,7 @@ def tree_bound_rows(config: TreeKernelConfig, tree: KeyTree, key, value, key_val
     shape = (batch, sel_heads, sel_rep, q_len)
     exact_blocks = torch.zeros(batch, sel_heads, sel_rep, q_len, device=device)
     frontier_terms = torch.zeros_like(exact_blocks)
+    bounded = torch.zeros_like(exact_blocks)
     if width > 0:
         top = int(blocks.max()).bit_length() - 1
         kept = torch.zeros(*shape, 0, dtype=torch.long, device=device)
@@ -51,10 +53,12 @@ def tree_bound_rows(config: TreeKernelConfig, tree: KeyTree, key, value, key_val
             ok = ok & (gather_counts(counts, ids.flatten(1)).view(ids.shape) > 0)
             bound = dot_rows(positive, gather_nodes(kmax, ids)) + dot_rows(negative, gather_nodes(kmin, ids))
             bound = reduce_heads(bound, sharing, "max").masked_fill(~ok, float("-inf"))
+            bounded += ok.sum(-1)
             keep = wanted if level == 0 else (wanted.double() * config.beam).ceil().long()
             limit = width if level == 0 else int(math.ceil(width * config.beam))
             values, order = bound.topk(min(limit, bound.shape[-1]), dim=-1)
-            chosen = (torch.arange(values.shape[-1], device=device) < keep[:, None, None, :, None]) & torch.isfinite(values)
+            chosen = torch.arange(values.shape[-1], device=device) < keep[:, None, None, :, None]
+            chosen = chosen & torch.isfinite(values)
             kept, kept_ok = candidates.gather(-1, order), chosen
             dropped = ok & ~torch.zeros_like(ok).scatter(-1, order, chosen)
             if config.estimate == "mean" and bool(dropped.any()):
@@ -72,11 +76,10 @@ def tree_bound_rows(config: TreeKernelConfig, tree: KeyTree, key, value, key_val
         valid = kept_ok[..., None].expand(*kept_ok.shape, block).flatten(-2)
         if key_valid is not None:
             valid = valid & key_valid.gather(1, key_positions.flatten(1)).view(key_positions.shape)
-        softmax.add(dot_rows(scaled, gather_nodes(key, key_positions)).masked_fill(~valid, float("-inf")),
-                    gather_nodes(value, key_positions))
-    heads = sel_heads * sel_rep
-    exact = float(exact_blocks.sum()) * block / heads
-    exact += local_block(key, value, rows, positions, blocks, block, scaled, softmax)
-    config.stats.add(q_len * batch, float(visible.sum()), exact, exact + float(frontier_terms.sum()) / heads)
+        softmax.add(dot_rows(scaled, gather_nodes(key, key_positions).float()).masked_fill(~valid, float("-inf")),
+                    gather_nodes(value, key_positions).float())
+    exact = exact_blocks.mean((1, 2)) * block + local_block(key, value, rows, positions, blocks, block, scaled,
+                                                            softmax)
+    config.stats.add(visible, budgets, exact, exact + frontier_terms.mean((1, 2)), bounded.mean((1, 2)))
     return softmax.result()
 

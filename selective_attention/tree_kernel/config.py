@@ -9,7 +9,9 @@ import torch
 
 #: the originating paper's sampled descent (leaf = one key, buds drawn in proportion to each method's mass)
 SAMPLED_METHODS = ("alignment", "positive_alignment", "favor+", "favor+relu", "rff", "time-decay", "uniform")
-METHODS = ("dense", "topk", "bound") + SAMPLED_METHODS
+#: selectors that attend chosen keys exactly (budget in keys, at least `min_keys`)
+SELECTORS = ("topk", "bound", "rescore")
+METHODS = ("dense",) + SELECTORS + SAMPLED_METHODS
 SHARING = ("per_head", "kv_group", "all")
 ESTIMATES = ("none", "mean")
 DESCENTS = ("flat", "tree")
@@ -20,40 +22,86 @@ FEATURE_METHODS = {"positive_alignment": "positive_alignment", "favor+": "favor+
                    "rff": "rff"}
 
 
+#: per-row cost counters, each summed over rows (and averaged over the heads that make their own selection)
+COUNTERS = ("rows", "visible", "exact", "terms", "bounds", "rescored")
+
+
 @dataclass
-class TreeStats:
-    """Running totals over query rows x heads: visible keys, exactly scored keys, softmax terms."""
+class Tally:
+    """Sums over query rows: visible keys; keys attended exactly (their values read); softmax terms (exact keys
+    plus estimate terms); block bounds evaluated; keys scored exactly to choose among candidates."""
 
     rows: float = 0.0
     visible: float = 0.0
     exact: float = 0.0
     terms: float = 0.0
+    bounds: float = 0.0
+    rescored: float = 0.0
 
-    def add(self, rows: float, visible: float, exact: float, terms: float) -> None:
-        self.rows += rows
-        self.visible += visible
-        self.exact += exact
-        self.terms += terms
+    def per_row(self) -> dict[str, float] | None:
+        """Averages per row (None without rows)."""
+        return {name: getattr(self, name) / self.rows for name in COUNTERS[1:]} if self.rows else None
+
+
+@dataclass
+class TreeStats:
+    """Running cost counters: `all` rows, and `past` the rows that see more keys than their budget."""
+
+    all: Tally = field(default_factory=Tally)
+    past: Tally = field(default_factory=Tally)
+
+    def add(self, visible: torch.Tensor, budgets: torch.Tensor | None, exact: torch.Tensor,
+            terms: torch.Tensor | None = None, bounds: torch.Tensor | None = None,
+            rescored: torch.Tensor | None = None) -> None:
+        """Per-row counts, each (B, Q) (already averaged over selection heads); missing terms = exact, missing
+        rescored = exact (a selector that scores only what it keeps), missing bounds = 0."""
+        visible = visible.double()
+        counts = dict(visible=visible, exact=exact.double(),
+                      terms=(terms if terms is not None else exact).double(),
+                      bounds=bounds.double() if bounds is not None else torch.zeros_like(visible),
+                      rescored=(rescored if rescored is not None else exact).double())
+        past = budgets < visible if budgets is not None else torch.zeros_like(visible, dtype=torch.bool)
+        for tally, rows in ((self.all, None), (self.past, past)):
+            tally.rows += float(visible.numel() if rows is None else rows.sum())
+            for name, value in counts.items():
+                value = value.expand_as(visible)
+                setattr(tally, name, getattr(tally, name) + float(value.sum() if rows is None else value[rows].sum()))
+
+    @property
+    def rows(self) -> float:
+        return self.all.rows
+
+    @property
+    def visible(self) -> float:
+        return self.all.visible
+
+    @property
+    def exact(self) -> float:
+        return self.all.exact
 
     @property
     def exact_fraction(self) -> float:
-        return self.exact / self.visible if self.visible else float("nan")
+        return self.all.exact / self.all.visible if self.all.visible else float("nan")
 
     @property
     def terms_fraction(self) -> float:
-        return self.terms / self.visible if self.visible else float("nan")
+        return self.all.terms / self.all.visible if self.all.visible else float("nan")
+
+    def summary(self) -> dict[str, dict[str, float] | None]:
+        """Per-row averages of every counter, over all rows and over the rows past the budget."""
+        return {"all": self.all.per_row(), "past_budget": self.past.per_row()}
 
     def reset(self) -> None:
-        self.rows = self.visible = self.exact = self.terms = 0.0
+        self.all, self.past = Tally(), Tally()
 
 
 @dataclass
 class TreeKernelConfig:
     """How `sa_tree_kernel` approximates attention.
 
-    Budget (exact keys for bound/topk, buds for sampled methods) per query row with l visible keys: `budget` keys,
-    else ceil(`fraction` * l), else ceil(l ** `exponent`); at least `min_keys`, at most l. Sampled methods default
-    to exponent 0.5, bound/topk to fraction 0.1.
+    Budget (exact keys for topk/bound/rescore, buds for sampled methods) per query row with l visible keys:
+    `budget` keys, else ceil(`fraction` * l), else ceil(l ** `exponent`); at least `min_keys`, at most l. Sampled
+    methods default to exponent 0.5, the selectors (topk, bound, rescore) to fraction 0.1.
     """
 
     method: str = "bound"
@@ -64,7 +112,7 @@ class TreeKernelConfig:
     layers: tuple[int, ...] | None = None  # None: every layer
     seed: int = 0  # random seed: feature draws and the sampled descent's Gumbel noise
     sharing: str | None = None  # per_head | kv_group | all; default per_head (bound/topk), all (sampled methods)
-    estimate: str = "mean"  # bound: add the estimated mass of the unselected nodes
+    estimate: str = "mean"  # bound, rescore: add the estimated mass of the keys not attended exactly
     min_keys: int = 16
     num_features: int | None = None  # R of the random feature maps (default 2d)
     decay: float = 0.99  # time-decay base b
@@ -73,6 +121,7 @@ class TreeKernelConfig:
     descent: str = "flat"  # bound: "flat" scores every leaf block's bound at once; "tree" descends level by level
     sink_blocks: int = 1  # bound: first leaf blocks always kept (attention sink), counted in the budget
     local_blocks: int = 1  # bound: most recent complete leaf blocks always kept, counted in the budget
+    candidates: float = 4.0  # rescore: blocks holding candidates x budget keys (by bound) are scored exactly
     row_chunk: int = 256  # query rows processed together (memory bound of prefill)
     stats: TreeStats = field(default_factory=TreeStats, compare=False, repr=False)
 
@@ -89,8 +138,11 @@ class TreeKernelConfig:
             raise ValueError(f"leaf_block must be >= 1, got {self.leaf_block}")
         if self.min_keys < 1:
             raise ValueError(f"min_keys must be >= 1, got {self.min_keys}")
+        if self.candidates < 1:
+            raise ValueError(f"candidates must be >= 1 (a multiple of the budget), got {self.candidates}")
         if self.sharing is None:
-            self.sharing = "all" if self.method in SAMPLED_METHODS else "per_head"
+            self.sharing = {"rescore": "kv_group"}.get(self.method, "all" if self.method in SAMPLED_METHODS
+                                                       else "per_head")
         if self.sharing not in SHARING:
             raise ValueError(f"unknown sharing {self.sharing!r}; expected one of {', '.join(SHARING)}")
         if self.estimate not in ESTIMATES:
@@ -129,12 +181,16 @@ class TreeKernelConfig:
             exponent = self.exponent if self.exponent is not None else (
                 0.5 if self.method in SAMPLED_METHODS else None)
             keys = torch.ceil(visible.clamp(min=1) ** exponent) if exponent is not None else torch.ceil(0.1 * visible)
-        keys = keys.clamp(min=self.min_keys if self.method in ("bound", "topk") else 1)
+        keys = keys.clamp(min=self.min_keys if self.method in SELECTORS else 1)
         return torch.minimum(keys, visible.clamp(min=0)).to(torch.long)
 
     def parallel_buds(self) -> int:
+        """P: the originating rule 2^floor(log2(1024^(E/2))) is about sqrt(T) buds at l = 1024; with a budget of
+        T buds, 2^floor(log2(sqrt(T)))."""
         if self.parallel is not None:
             return self.parallel
+        if self.budget is not None and self.exponent is None:
+            return 2 ** int(math.floor(math.log2(math.sqrt(self.budget))))
         exponent = self.exponent if self.exponent is not None else 0.5
         return 2 ** int(math.floor(math.log2(1024 ** (exponent / 2))))
 

@@ -140,8 +140,8 @@ class KeyTree:
             return
         start, stop = old_blocks * self.block, new_blocks * self.block
         count = new_blocks - old_blocks
-        keys = key[:, :, start:stop].reshape(batch, heads, count, self.block, dim)
-        values = value[:, :, start:stop].reshape(batch, heads, count, self.block, value.shape[-1])
+        keys = key[:, :, start:stop].float().reshape(batch, heads, count, self.block, dim)
+        values = value[:, :, start:stop].float().reshape(batch, heads, count, self.block, value.shape[-1])
         if key_valid is None:
             valid = torch.ones(batch, count, self.block, dtype=torch.bool, device=key.device)
         else:

@@ -10,11 +10,20 @@ import torch
 
 
 def gather_nodes(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """buffer (B, H, N, X) contiguous, index (B, Hi, *rest) with Hi in {1, H} -> (B, H, *rest, X)."""
+    """buffer (B, H, N, X), index (B, Hi, *rest) with Hi in {1, H} -> (B, H, *rest, X).
+
+    Reads only the gathered rows whatever the buffer's strides: a slice of a KV cache is not contiguous, and
+    flattening it would copy the whole cache, so it is indexed in place (a contiguous buffer takes the faster
+    `index_select` on its flat view)."""
     batch, heads, nodes, width = buffer.shape
-    base = (torch.arange(batch * heads, device=buffer.device) * nodes).view(batch, heads, *[1] * (index.dim() - 2))
-    flat = (base + index).reshape(-1)
-    return buffer.reshape(-1, width).index_select(0, flat).view(batch, heads, *index.shape[2:], width)
+    extra = [1] * (index.dim() - 2)
+    if buffer.is_contiguous():
+        base = (torch.arange(batch * heads, device=buffer.device) * nodes).view(batch, heads, *extra)
+        flat = (base + index).reshape(-1)
+        return buffer.view(-1, width).index_select(0, flat).view(batch, heads, *index.shape[2:], width)
+    b = torch.arange(batch, device=buffer.device).view(batch, 1, *extra)
+    h = torch.arange(heads, device=buffer.device).view(1, heads, *extra)
+    return buffer[b, h, index]
 
 
 def gather_counts(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -70,12 +79,18 @@ class Softmax:
         self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
         self.softcap = softcap
 
-    def add(self, logits: torch.Tensor, values: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+    def add(self, logits: torch.Tensor, values: torch.Tensor, counts: torch.Tensor | None = None,
+            capped: bool = False) -> None:
         """Terms exp(logit) value; with `counts` (broadcast to logits) the terms are n exp(logit) (values / n)
-        and `values` are the n-key sums, which saves dividing every node's sums by its count."""
-        if self.softcap is not None:
+        and `values` are the n-key sums, which saves dividing every node's sums by its count. `capped`: the
+        logits were soft-capped by the caller (e.g. a log-sum of capped scores)."""
+        if self.softcap is not None and not capped:
             logits = torch.where(torch.isfinite(logits), torch.tanh(logits / self.softcap) * self.softcap, logits)
         self.parts.append((logits, values, counts))
+
+    def cap(self, scores: torch.Tensor) -> torch.Tensor:
+        """The soft-capped scores (unchanged without a cap)."""
+        return scores if self.softcap is None else torch.tanh(scores / self.softcap) * self.softcap
 
     def result(self) -> torch.Tensor:
         maximum = None

@@ -66,8 +66,8 @@ def _bud_stats(tree: KeyTree, level, index, names, kv_heads):
     return out
 
 
-def sampled_rows(config: TreeKernelConfig, tree: KeyTree, key, value, key_valid, query, positions, rows, budgets, visible, scaling,
-               layer: int | None):
+def sampled_rows(config: TreeKernelConfig, tree: KeyTree, key, value, key_valid, query, positions, rows, budgets,
+                 visible, scaling, layer: int | None):
     """The sampled descent (vectorised over rows and heads; one Python iteration per P expansions)."""
     batch, kv_heads, n_rep, q_len, dim = query.shape
     device, method, sharing = query.device, config.method, config.sharing
@@ -103,6 +103,7 @@ def sampled_rows(config: TreeKernelConfig, tree: KeyTree, key, value, key_valid,
     mass[..., :n_roots] = root_mass
     bud_ok[..., :n_roots] &= root_nonempty
     count = bud_ok.sum(-1)
+    evaluated = count.float()  # node masses computed per row (the sampled descent's bound evaluations)
     next_slot = torch.full_like(count, n_roots)
     target = budgets.view(batch, 1, 1, q_len)
     generator = torch.Generator(device="cpu").manual_seed(config.seed * 1000 + (layer or 0))
@@ -124,6 +125,7 @@ def sampled_rows(config: TreeKernelConfig, tree: KeyTree, key, value, key_valid,
         right = torch.where(chosen, 2 * parent_index + 1, 0)
         left_mass, left_ok = log_mass(child_level, left)
         right_mass, right_ok = log_mass(child_level, right)
+        evaluated += 2 * chosen.sum(-1)
         slot_left = torch.where(chosen, pick, trash)
         slot_right = torch.where(chosen, next_slot[..., None] + chosen.long().cumsum(-1) - 1, trash)
         for slots, index, bud_mass, nonempty in ((slot_left, left, left_mass, left_ok),
@@ -150,8 +152,7 @@ def sampled_rows(config: TreeKernelConfig, tree: KeyTree, key, value, key_valid,
     softmax = Softmax()
     softmax.add(logits, stats["vsum"] / vsum_count)
     leaves_used = (bud_ok & single).sum(-1).float()
-    heads = sel_heads * sel_rep
-    config.stats.add(q_len * batch, float(visible.sum()), float(leaves_used.sum()) / heads,
-                     float(bud_ok.sum()) / heads)
+    config.stats.add(visible, budgets, leaves_used.mean((1, 2)), bud_ok.sum(-1).float().mean((1, 2)),
+                     evaluated.mean((1, 2)))
     return softmax.result()
 

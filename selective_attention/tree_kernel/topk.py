@@ -14,7 +14,7 @@ def topk_rows(config: TreeKernelConfig, key: torch.Tensor, value: torch.Tensor, 
 
     Every score is computed; each row keeps its `budgets` highest visible keys (per query head)."""
     batch, kv_heads, n_rep, q_len, dim = query.shape
-    scores = torch.einsum("bhrqd,bhkd->bhrqk", query, key) * scaling
+    scores = torch.einsum("bhrqd,bhkd->bhrqk", query, key.float()) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~rows[:, None, None], float("-inf"))
@@ -24,7 +24,7 @@ def topk_rows(config: TreeKernelConfig, key: torch.Tensor, value: torch.Tensor, 
     top = top.masked_fill(~keep, float("-inf"))
     weights = torch.softmax(top, dim=-1).nan_to_num(0.0)
     dense = torch.zeros_like(scores).scatter_(-1, order, weights)
-    kept = float(keep.expand(batch, 1, 1, q_len, keep.shape[-1]).sum())  # the same count for every head
-    config.stats.add(q_len * batch, float(visible.sum()), kept, kept)
-    return torch.einsum("bhrqk,bhkv->bhrqv", dense, value)
+    kept = keep.expand(batch, 1, 1, q_len, keep.shape[-1]).sum(-1)[:, 0, 0].float()  # the same for every head
+    config.stats.add(visible, budgets, kept, rescored=visible)
+    return torch.einsum("bhrqk,bhkv->bhrqv", dense, value.float())
 

@@ -1,0 +1,68 @@
+"""Tree-kernel figures: cumulative perplexity along a long text (as Quest draws it), passkey accuracy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from .figure import save_figure
+
+
+def cumulative_perplexity(nll: list[float]) -> np.ndarray:
+    """exp(mean NLL of the first n tokens) for n = 1..T."""
+    values = np.asarray(nll, dtype=np.float64)
+    return np.exp(np.cumsum(values) / np.arange(1, values.size + 1))
+
+
+def plot_cumulative_perplexity(dense: list[float], curves: dict[int, dict[str, list[float]]], output: str | Path,
+                               title: str) -> Path:
+    """One column per budget: cumulative perplexity (top) and its excess over dense in % (bottom) vs position.
+
+    `dense`: per-token NLL of dense attention; `curves`: budget -> label -> per-token NLL (same tokens)."""
+    budgets = sorted(curves)
+    figure, axes = plt.subplots(2, len(budgets), figsize=(5 * len(budgets), 7), squeeze=False, sharex=True)
+    reference = cumulative_perplexity(dense)
+    positions = np.arange(1, reference.size + 1)
+    for column, budget in enumerate(budgets):
+        top, bottom = axes[0, column], axes[1, column]
+        top.plot(positions, reference, color="black", lw=1.2, label="dense")
+        bottom.axhline(0, color="black", lw=1.2)
+        for label, nll in curves[budget].items():
+            curve = cumulative_perplexity(nll)
+            line, = top.plot(positions, curve, lw=1, label=label)
+            bottom.plot(positions, 100 * (curve / reference - 1), lw=1, color=line.get_color())
+        for axis in (top, bottom):
+            axis.axvline(budget, color="grey", ls=":", lw=0.8)
+        top.set_yscale("log")
+        top.set_title(f"budget {budget} keys")
+        top.set_ylabel("cumulative perplexity")
+        bottom.set_ylabel("excess over dense (%)")
+        bottom.set_xlabel("position (tokens)")
+        top.legend(fontsize=7)
+    figure.suptitle(title)
+    return save_figure(figure, output)
+
+
+def plot_passkey(accuracy: dict[str, dict[int, dict[str, float]]], output: str | Path, title: str) -> Path:
+    """accuracy: length -> budget (0 = dense) -> method -> accuracy; one panel per context length."""
+    lengths = sorted(accuracy, key=int)
+    figure, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.8), squeeze=False, sharey=True)
+    for axis, length in zip(axes[0], lengths):
+        by_budget = accuracy[length]
+        budgets = sorted(int(b) for b in by_budget if int(b) > 0)
+        methods = sorted({m for b in budgets for m in by_budget[str(b)]})
+        for method in methods:
+            axis.plot(budgets, [by_budget[str(b)].get(method, np.nan) for b in budgets], marker="o", label=method)
+        if "0" in by_budget:
+            axis.axhline(by_budget["0"]["dense"], color="black", ls="--", label="dense")
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(budgets, [str(b) for b in budgets])
+        axis.set_title(f"{length} tokens")
+        axis.set_xlabel("budget (keys)")
+        axis.set_ylim(-0.05, 1.05)
+    axes[0, 0].set_ylabel("passkey accuracy")
+    axes[0, -1].legend(fontsize=7)
+    figure.suptitle(title)
+    return save_figure(figure, output)
