@@ -1,173 +1,183 @@
-"""One decode step of attention alone: dense SDPA vs the tree kernel's `bound` and seed methods.
+"""Decode attention with a growing KV cache: dense SDPA vs the tree kernel's selectors, every per-step cost counted.
 
-Model-shaped (9 query heads, 3 KV heads, d = 64, batch 1). The key tree is built once per length outside the
-timed region (in a real decode it is maintained incrementally: appending a key costs O(log n) node updates), so
-the timings are those of one step. Keys are random Gaussian by default, or `--real` keys captured from the
-embedded SmolLM2 at layer 15 tiled to the length. Prints and writes minimum (and median) times and ratios against dense SDPA
-measured in the same run: benchmarks/results/tree_speed.{json,md}.
+Model-shaped (SmolLM2: 9 query heads, 3 KV heads, d = 64, batch 1, float32). The cache is a preallocated buffer
+of which each step sees one more key (the view a static cache gives), and each step calls the attention function
+exactly as a model layer does in `generate`: the tree kernel's step includes maintaining its key tree (a new leaf
+block and its ancestors every `leaf_block` steps), the block bounds, the candidate gather, the exact scores, the
+estimate terms and its cost counters. The tree is built once from the prompt before the timed steps (that is the
+prefill's cost, reported separately). Dense SDPA (`sdpa_attention_forward`, what transformers runs) is timed on the
+same views in the same run, alternating with each method step by step, so machine load hits both alike.
 
-    python benchmarks/tree_speed.py --threads 1 --lengths 1024 4096 16384 32768 65536
+    python benchmarks/tree_speed.py --threads 1 --lengths 8192 32768 65536 --budgets 2048
+
+Writes benchmarks/results/tree_speed.{json,md}: per method and length the median and minimum step time, the ratio
+dense / method of each, the output error at the last step, and the vectors each step reads against dense's.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-
-import selective_attention  # noqa: F401
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from selective_attention.io import write_json, write_text
 from selective_attention.tree_kernel import TreeKernelConfig, tree_attention
 
 RESULTS = Path(__file__).parent / "results"
+HEADS, KV_HEADS, DIM = 9, 3, 64
 
 
-def min_ms(fn, repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return min(times)
+class Attention(nn.Module):
+    is_causal = True
+    num_key_value_groups = HEADS // KV_HEADS
+    layer_idx = 0
 
 
-def paired_times_ms(fn, baseline, repeats: int) -> tuple[list[float], list[float]]:
-    """Times of `fn` and `baseline` timed alternately, so load from other processes hits both alike."""
-    fn(), baseline()
-    ours, theirs = [], []
-    for _ in range(repeats):
-        for sink, call in ((ours, fn), (theirs, baseline)):
-            start = time.perf_counter()
-            call()
-            sink.append((time.perf_counter() - start) * 1e3)
-    return ours, theirs
+def settings(budget: int) -> list[tuple[str, TreeKernelConfig]]:
+    return [
+        ("bound/kv_group/mean", TreeKernelConfig(method="bound", budget=budget, sharing="kv_group")),
+        ("bound/kv_group/none", TreeKernelConfig(method="bound", budget=budget, sharing="kv_group", estimate="none")),
+        ("rescore/x4/mean", TreeKernelConfig(method="rescore", budget=budget)),
+        ("rescore/x4/none", TreeKernelConfig(method="rescore", budget=budget, estimate="none")),
+        ("rescore/x2/mean", TreeKernelConfig(method="rescore", budget=budget, candidates=2)),
+        ("rescore/x2/none", TreeKernelConfig(method="rescore", budget=budget, candidates=2, estimate="none")),
+    ]
 
 
-def real_keys(length: int, layer: int = 15):
-    """(q, k, v) from the embedded model on PG essays, tiled to `length` keys."""
-    from selective_attention import assets
+def vectors_read(config: TreeKernelConfig, costs: dict, length: int) -> float:
+    """d-wide vectors one step reads per KV head, as a fraction of dense (every key and value once).
+
+    bounds: one kbox row (2 vectors) per block; estimate terms: ksum + vsum per block; rescored keys: one each
+    (per KV head when the candidates are shared by the group, else per query head); values: one per kept key and
+    query head."""
+    group = HEADS // KV_HEADS
+    blocks = costs["bounds"]
+    estimate = 2 * blocks if config.estimate == "mean" else 0
+    per_key = 1 if config.sharing in ("kv_group", "all") else group
+    keys = costs["rescored"] * per_key
+    values = costs["exact"] * (group if config.method == "rescore" else per_key)
+    return (2 * blocks + estimate + keys + values) / (2 * length)
+
+
+def inputs(length: int, steps: int, real: torch.Tensor | None, generator: torch.Generator):
+    """query per step (steps, 1, HEADS, 1, DIM), key/value buffers (1, KV_HEADS, length + steps, DIM)."""
+    total = length + steps
+    if real is None:
+        key = torch.randn(1, KV_HEADS, total, DIM, generator=generator)
+        value = torch.randn(1, KV_HEADS, total, DIM, generator=generator)
+        queries = torch.randn(steps, 1, HEADS, 1, DIM, generator=generator)
+        return queries, key, value
+    key, value, query = real
+    reps = -(-total // key.shape[2])
+    key, value = key.repeat(1, 1, reps, 1)[:, :, :total], value.repeat(1, 1, reps, 1)[:, :, :total]
+    rows = torch.randint(0, query.shape[2], (steps,), generator=generator)
+    return query[:, :, rows].permute(2, 0, 1, 3)[:, :, :, None].contiguous(), key.contiguous(), value.contiguous()
+
+
+def real_tensors(layer: int = 15, tokens: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """key, value (1, KV_HEADS, tokens, DIM) and the last 512 queries (1, HEADS, 512, DIM) of the embedded
+    SmolLM2 at `layer` on the essays, post-RoPE, captured through a registered attention function."""
     from selective_attention.loading import load_model
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from selective_attention.tree_kernel.evaluation import load_tokens
 
+    captured = {}
+
+    def capture(module, query, key, value, attention_mask, **kwargs):
+        if module.layer_idx == layer:
+            captured.update(query=query[:, :, -512:].float(), key=key.float(), value=value.float())
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("bench_capture_sdpa", capture)
+    AttentionMaskInterface.register("bench_capture_sdpa", sdpa_mask)
     model, tokenizer = load_model()
-    text = "".join(p.read_text() for p in sorted(assets.haystack_dir().glob("*.txt"))[:4])
-    ids = tokenizer(text, return_tensors="pt").input_ids[:, :1024]
+    model.set_attn_implementation("bench_capture_sdpa")
+    ids = load_tokens(tokenizer, None, None, tokens)[:tokens]
     with torch.inference_mode():
-        out = model(ids, use_cache=True)
-    layer_cache = out.past_key_values.layers[layer]
-    key, value = layer_cache.keys, layer_cache.values
-    reps = -(-length // key.shape[2])
-    key, value = key.repeat(1, 1, reps, 1)[:, :, :length], value.repeat(1, 1, reps, 1)[:, :, :length]
-    query = key[:, :, -1:].repeat_interleave(3, 1) + 0.5 * torch.randn(1, 9, 1, key.shape[-1])
-    return query.contiguous(), key.contiguous(), value.contiguous()
+        model.base_model(input_ids=ids[None], use_cache=False)
+    return captured["key"], captured["value"], captured["query"]
+
+
+def run_length(length: int, budget: int, steps: int, real, seed: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    queries, key, value = inputs(length, steps, real, generator)
+    attention = Attention()
+
+    def dense(step: int) -> torch.Tensor:
+        end = length + step + 1
+        return sdpa_attention_forward(attention, queries[step], key[:, :, :end], value[:, :, :end], None,
+                                      scaling=DIM ** -0.5)[0]
+
+    rows = []
+    with torch.inference_mode():
+        dense(0)
+        for name, config in settings(budget):
+            holder = nn.Module()
+            start = time.perf_counter()
+            tree_attention(queries[0], key[:, :, :length], value[:, :, :length], None, config, module=holder)
+            build_ms = (time.perf_counter() - start) * 1e3
+            config.stats.reset()
+            ours, theirs = [], []
+            for step in range(steps):
+                end = length + step + 1
+                for sink, call in ((ours, lambda: tree_attention(queries[step], key[:, :, :end], value[:, :, :end],
+                                                                 None, config, module=holder)),
+                                   (theirs, lambda: dense(step))):
+                    begin = time.perf_counter()
+                    out = call()
+                    sink.append((time.perf_counter() - begin) * 1e3)
+                    if sink is ours:
+                        got = out[0]
+            error = float((got - dense(steps - 1)).abs().max())
+            costs = config.stats.summary()["past_budget"]
+            rows.append(dict(length=length, budget=budget, method=name, config=config.to_dict(), steps=steps,
+                             median_ms=statistics.median(ours), min_ms=min(ours),
+                             dense_median_ms=statistics.median(theirs), dense_min_ms=min(theirs),
+                             ratio_median=statistics.median(theirs) / statistics.median(ours),
+                             ratio_min=min(theirs) / min(ours), error=error, costs=costs,
+                             vectors_read_vs_dense=vectors_read(config, costs, length), tree_build_ms=build_ms))
+            row = rows[-1]
+            print(f"{length:>6} {name:<22} median {row['median_ms']:7.2f} ms vs dense {row['dense_median_ms']:7.2f} "
+                  f"(x{row['ratio_median']:.2f}; min x{row['ratio_min']:.2f})  reads {row['vectors_read_vs_dense']:.3f}"
+                  f" of dense  max|err| {error:.3g}", flush=True)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
-    parser.add_argument("--fractions", type=float, nargs="+", default=[0.05, 0.1])
-    parser.add_argument("--leaf-blocks", type=int, nargs="+", default=[16, 8])
-    parser.add_argument("--sharings", nargs="+", default=["kv_group"])
-    parser.add_argument("--tree-descent", action="store_true", help="also time the level-by-level descent")
-    parser.add_argument("--seed-methods", nargs="*", default=["alignment", "favor+"])
-    parser.add_argument("--seed-exponents", type=float, nargs="*", default=[0.5])
-    parser.add_argument("--repeats", type=int, default=21)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--real", action="store_true", help="keys captured from the embedded SmolLM2")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536])
+    parser.add_argument("--budgets", type=int, nargs="+", default=[2048])
+    parser.add_argument("--steps", type=int, default=48, help="decode steps timed per method (one key added each)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--real", action="store_true", help="keys and values of the embedded SmolLM2, tiled")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of keys and queries")
     parser.add_argument("--output", default=str(RESULTS / "tree_speed"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    rows = []
-    for length in args.lengths:
-        if args.real:
-            query, key, value = real_keys(length)
-        else:
-            query, key, value = torch.randn(1, 9, 1, 64), torch.randn(1, 3, length, 64), torch.randn(1, 3, length, 64)
-
-        class Attention(nn.Module):
-            is_causal = True
-            num_key_value_groups = 3
-            layer_idx = 0
-
-        attention = Attention()
-
-        def dense():
-            # exactly what a transformers model with attn_implementation="sdpa" runs for this step
-            return sdpa_attention_forward(attention, query, key, value, None, scaling=0.125)[0]
-
-        with torch.inference_mode():
-            dense_ms = min_ms(dense, args.repeats)
-            reference = dense()
-            rows.append(dict(length=length, method="dense_sdpa", budget="all", ms=dense_ms, ratio=1.0, error=0.0))
-            configs = []
-            for fraction in args.fractions:
-                for leaf in args.leaf_blocks:
-                    for sharing in args.sharings:
-                        for estimate in ("mean", "none"):
-                            configs.append((f"bound/flat/b{leaf}/{sharing}/{estimate}", fraction, TreeKernelConfig(
-                                method="bound", fraction=fraction, leaf_block=leaf, sharing=sharing,
-                                estimate=estimate)))
-                if args.tree_descent:
-                    configs.append((f"bound/tree/b{args.leaf_blocks[0]}/kv_group/mean", fraction, TreeKernelConfig(
-                        method="bound", fraction=fraction, leaf_block=args.leaf_blocks[0], sharing="kv_group",
-                        descent="tree")))
-            for method in args.seed_methods:
-                for exponent in args.seed_exponents:
-                    configs.append((method, f"E={exponent}", TreeKernelConfig(method=method, exponent=exponent)))
-            for name, budget, config in configs:
-                holder = nn.Module()
-                holder.layer_idx = 0
-                tree_attention(query, key, value, None, config, module=holder)  # builds the tree once
-                step = lambda: tree_attention(query, key, value, None, config, module=holder)  # noqa: E731
-                repeats = args.repeats if config.method == "bound" else max(3, args.repeats // 5)
-                ours, theirs = paired_times_ms(step, dense, repeats)
-                # on a shared, oversubscribed CPU a run is often preempted: the minimum is the uncontended time,
-                # the median is reported beside it
-                ms, baseline = min(ours), min(theirs)
-                median, median_dense = statistics.median(ours), statistics.median(theirs)
-                error = float((step()[0] - reference).abs().max())
-                config.stats.reset()
-                step()
-                rows.append(dict(length=length, method=name, budget=budget, ms=ms, ratio=baseline / ms, error=error,
-                                 dense_ms_paired=baseline, median_ms=median, median_dense_ms=median_dense,
-                                 median_ratio=median_dense / median, exact_fraction=config.stats.exact_fraction))
-                print(f"{length:>6} {name:<30} {str(budget):<6} min {ms:8.2f} ms  x{baseline / ms:5.2f} vs dense "
-                      f"(min {baseline:.2f} ms; medians {median:.2f} / {median_dense:.2f} ms)  max|err| {error:.3g}  "
-                      f"exact keys {config.stats.exact_fraction:.3f}", flush=True)
-    crossover = {}
-    for row in rows:
-        if row["method"].startswith("bound") and row["ratio"] >= 1.0:
-            key_name = f"{row['method']} fraction={row['budget']}"
-            crossover[key_name] = min(crossover.get(key_name, row["length"]), row["length"])
-    result = dict(device="cpu", threads=torch.get_num_threads(), real_keys=args.real, leaf_blocks=args.leaf_blocks,
-                  rows=rows, first_length_faster_than_dense=crossover, torch=torch.__version__)
+    torch.set_num_threads(args.threads)
+    real = real_tensors() if args.real else None
+    rows = [row for budget in args.budgets for length in args.lengths
+            for row in run_length(length, budget, args.steps, real, args.seed)]
     output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(output.with_suffix(".json"))
-    lines = [f"# Tree-kernel decode attention speed (CPU, {torch.get_num_threads()} threads, "
-             f"{'real SmolLM2 keys' if args.real else 'random keys'})", "",
-             "| keys | method | budget | min ms | dense min ms (paired) | speed-up vs dense SDPA (min) | "
-             "speed-up (medians) | max abs err | exact keys |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    load = [round(x, 2) for x in os.getloadavg()]
+    write_json(output.with_suffix(".json"), dict(device="cpu", threads=args.threads, real_keys=args.real,
+                                                 torch=torch.__version__, load_average=load, rows=rows))
+    lines = [f"# Tree-kernel decode attention vs dense SDPA (CPU, {args.threads} thread(s), "
+             f"{'real SmolLM2 keys' if args.real else 'random keys'}, {args.steps} steps, load average {load[0]})", "",
+             "| keys | budget | method | median ms | dense median ms | speed-up (medians) | speed-up (minima) | "
+             "vectors read / dense | max abs err | tree build ms (prefill) |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row['length']} | {row['method']} | {row['budget']} | {row['ms']:.2f} | "
-                     f"{row.get('dense_ms_paired', row['ms']):.2f} | {row['ratio']:.2f} | "
-                     f"{row.get('median_ratio', 1.0):.2f} | "
-                     f"{row['error']:.3g} | {row.get('exact_fraction', 1.0):.3f} |")
-    lines += ["", "First length at which each bound setting beats dense SDPA: "
-              + (", ".join(f"{k}: {v}" for k, v in sorted(crossover.items())) or "none")]
-    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        lines.append(f"| {row['length']} | {row['budget']} | {row['method']} | {row['median_ms']:.2f} | "
+                     f"{row['dense_median_ms']:.2f} | {row['ratio_median']:.2f} | {row['ratio_min']:.2f} | "
+                     f"{row['vectors_read_vs_dense']:.3f} | {row['error']:.3g} | {row['tree_build_ms']:.0f} |")
+    write_text(output.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -16,7 +16,6 @@ from ..attention.eager import exact_attention_forward
 from ..attention.masked import masked
 from ..modeling import attention_modules, check_attention_interface, text_config
 from ..modeling import sliding_window_layers
-from ..registry import register_attention
 from .bound import flat_bound_rows
 from .bound_tree import tree_bound_rows
 from .config import FEATURE_METHODS, SAMPLED_METHODS, TreeKernelConfig
@@ -157,9 +156,6 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
 
 tree_kernel_sdpa = masked(tree_kernel_attention)
 
-
-def register() -> None:
-    register_attention(NAME, tree_kernel_sdpa, mask="sdpa")
 
 
 def configure_tree_kernel(model: nn.Module, config: TreeKernelConfig | None) -> TreeKernelConfig | None:

@@ -56,16 +56,16 @@ class TreeStats:
         """Per-row counts, each (B, Q) (already averaged over selection heads); missing terms = exact, missing
         rescored = exact (a selector that scores only what it keeps), missing bounds = 0."""
         visible = visible.double()
-        counts = dict(visible=visible, exact=exact.double(),
-                      terms=(terms if terms is not None else exact).double(),
-                      bounds=bounds.double() if bounds is not None else torch.zeros_like(visible),
-                      rescored=(rescored if rescored is not None else exact).double())
-        past = budgets < visible if budgets is not None else torch.zeros_like(visible, dtype=torch.bool)
-        for tally, rows in ((self.all, None), (self.past, past)):
-            tally.rows += float(visible.numel() if rows is None else rows.sum())
-            for name, value in counts.items():
-                value = value.expand_as(visible)
-                setattr(tally, name, getattr(tally, name) + float(value.sum() if rows is None else value[rows].sum()))
+        zeros = torch.zeros_like(visible)
+        counts = torch.stack([torch.ones_like(visible), visible, exact.double().expand_as(visible),
+                              (terms if terms is not None else exact).double().expand_as(visible),
+                              bounds.double().expand_as(visible) if bounds is not None else zeros,
+                              (rescored if rescored is not None else exact).double().expand_as(visible)]).flatten(1)
+        past = (budgets < visible).double().flatten() if budgets is not None else zeros.flatten()
+        sums = torch.stack([counts.sum(1), counts @ past]).tolist()  # one transfer for both tallies
+        for tally, values in zip((self.all, self.past), sums):
+            for name, value in zip(COUNTERS, values):
+                setattr(tally, name, getattr(tally, name) + value)
 
     @property
     def rows(self) -> float:

@@ -13,17 +13,19 @@ def gather_nodes(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """buffer (B, H, N, X), index (B, Hi, *rest) with Hi in {1, H} -> (B, H, *rest, X).
 
     Reads only the gathered rows whatever the buffer's strides: a slice of a KV cache is not contiguous, and
-    flattening it would copy the whole cache, so it is indexed in place (a contiguous buffer takes the faster
-    `index_select` on its flat view)."""
+    flattening it would copy the whole cache, so each (batch, head) matrix, whose rows are contiguous, is gathered
+    on its own (a contiguous buffer takes one `index_select` on its flat view)."""
     batch, heads, nodes, width = buffer.shape
-    extra = [1] * (index.dim() - 2)
     if buffer.is_contiguous():
-        base = (torch.arange(batch * heads, device=buffer.device) * nodes).view(batch, heads, *extra)
+        base = (torch.arange(batch * heads, device=buffer.device) * nodes).view(batch, heads, *[1] * (index.dim() - 2))
         flat = (base + index).reshape(-1)
         return buffer.view(-1, width).index_select(0, flat).view(batch, heads, *index.shape[2:], width)
-    b = torch.arange(batch, device=buffer.device).view(batch, 1, *extra)
-    h = torch.arange(heads, device=buffer.device).view(1, heads, *extra)
-    return buffer[b, h, index]
+    shared = index.shape[1] == 1
+    out = buffer.new_empty(batch, heads, index[0, 0].numel(), width)
+    for b in range(batch):
+        for h in range(heads):
+            torch.index_select(buffer[b, h], 0, index[b, 0 if shared else h].reshape(-1), out=out[b, h])
+    return out.view(batch, heads, *index.shape[2:], width)
 
 
 def gather_counts(buffer: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,8 @@ def _keys_wanted(config: TreeKernelConfig, bounds: BlockBounds, budgets, visible
 def _choose(scores: torch.Tensor, candidate: torch.Tensor, forced: torch.Tensor, keys: torch.Tensor):
     """scores (B, Hkv, R, Q, C); candidate / forced masks broadcast to it; keys (B, Q) -> kept order and mask."""
     ranking = torch.where(forced & candidate, float("inf"), scores).masked_fill(~candidate, float("-inf"))
-    top, order = ranking.topk(min(int(keys.max()), ranking.shape[-1]), dim=-1)
+    uniform = bool((keys == keys.max()).all())  # then the rank order is not needed (unsorted topk is faster)
+    top, order = ranking.topk(min(int(keys.max()), ranking.shape[-1]), dim=-1, sorted=not uniform)
     keep_ok = (torch.arange(top.shape[-1], device=top.device) < keys[:, None, None, :, None]) & (top > float("-inf"))
     return order, keep_ok
 
