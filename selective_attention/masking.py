@@ -15,10 +15,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .attention.intervene import Intervention, active_interventions, intervene
-from .attention.masked import MASK_ATTRIBUTE, MASK_MODES, MASKED_NAMES, HeadMask
+from .attention.masked import MASK_ATTRIBUTE, MASK_MODES, HeadMask
 from .heads import Head, HeadSpec, group_by_layer, head_key, parse_heads, validate_heads
 from .modeling import attention_modules, check_attention_interface, text_config
-from .registry import REGISTERED
+from .registry import MASKED_VARIANTS, REGISTRY
 
 logger = logging.getLogger(__name__)
 
@@ -29,18 +29,18 @@ CONFIG_MODE = "sa_mask_mode"
 def masked_implementation(current: str | None) -> str:
     """The sa_masked_* implementation to use for a model currently on `current`."""
     current = current or "sdpa"
-    if current in REGISTERED:
+    if current in REGISTRY:
         return current  # one of ours: it already honours head masks
-    if current in MASKED_NAMES:
-        return MASKED_NAMES[current]
+    if current in MASKED_VARIANTS:
+        return MASKED_VARIANTS[current]
     raise ValueError(
         f"attention implementation {current!r} has no masked variant; load the model with attn_implementation="
-        f"one of {sorted(MASKED_NAMES)}"
+        f"one of {sorted(MASKED_VARIANTS)}"
     )
 
 
 def base_implementation(current: str | None) -> str:
-    for base, name in MASKED_NAMES.items():
+    for base, name in MASKED_VARIANTS.items():
         if current == name:
             return base
     return current or "sdpa"

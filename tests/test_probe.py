@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers.masking_utils import sdpa_mask
 
 from selective_attention import mask_heads
 from selective_attention.attention.probe import ProbeRecorder, _row_argmax, probing
 from selective_attention.needle.generate import cropped, greedy_decode, prefix_cache, reference_decode
 from selective_attention.needle.detect import retrieval_scores
-from selective_attention.registry import REGISTERED
+from selective_attention.registry import REGISTRY
 from tests.conftest import build_tiny, tiny_llama_config
 
 
@@ -20,7 +21,7 @@ def tiny(vocab: int = 16, **overrides):
 
 
 def test_registered_with_sdpa_mask():
-    assert REGISTERED["sa_probe"] == "sdpa"
+    assert REGISTRY["sa_probe"].mask is sdpa_mask
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 
 from selective_attention import mask_heads
-from selective_attention.attention.masked import MASKED_NAMES
-from selective_attention.registry import flash_attn_available
+from selective_attention.registry import FLASH_ATTN_AVAILABLE, MASKED_VARIANTS
 
 from .common import Suite, check, random_ids, random_model
 
@@ -45,7 +44,7 @@ def _zero_columns(model, heads: list[tuple[int, int]]) -> list[tuple[torch.nn.Li
 def _compare(model, kernel: str, ids, attention_mask, heads) -> tuple[dict, list[dict]]:
     model.set_attn_implementation(kernel)
     plain = _logits(model, ids, attention_mask)
-    model.set_attn_implementation(MASKED_NAMES[kernel])
+    model.set_attn_implementation(MASKED_VARIANTS[kernel])
     unmasked = _logits(model, ids, attention_mask)
     model.set_attn_implementation(kernel)
     with mask_heads(model, heads, "zero"):
@@ -63,9 +62,9 @@ def _compare(model, kernel: str, ids, attention_mask, heads) -> tuple[dict, list
     zero_diff = float((ablated - columns).abs().max())
     zero_tol = RTOL[dtype] * float(columns.abs().max())
     changed = float((ablated - plain).abs().max())
-    row = dict(kernel=kernel, masked_name=MASKED_NAMES[kernel], no_mask_max_abs_diff=no_mask_diff,
+    row = dict(kernel=kernel, masked_name=MASKED_VARIANTS[kernel], no_mask_max_abs_diff=no_mask_diff,
                zero_vs_o_proj_max_abs_diff=zero_diff, zero_tolerance=zero_tol, ablation_changes_logits_by=changed)
-    checks = [check(f"{name}: {MASKED_NAMES[kernel]} without mask == {kernel}", no_mask_diff == 0.0,
+    checks = [check(f"{name}: {MASKED_VARIANTS[kernel]} without mask == {kernel}", no_mask_diff == 0.0,
                     max_abs_diff=no_mask_diff, tolerance=0.0),
               check(f"{name}: zero ablation == o_proj column zeroing", zero_diff <= zero_tol,
                     max_abs_diff=zero_diff, tolerance=zero_tol),
@@ -98,7 +97,7 @@ def run(suite: Suite) -> dict:
             heads = sorted({(0, 1), (layers // 2, heads_per_layer - 1), (layers - 1, heads_per_layer // 2)})
             for kernel in KERNELS:
                 base = dict(model=model_name, dtype=dtype_name, tokens=f"2 x {length} (left-padded)")
-                if kernel == "flash_attention_2" and not flash_attn_available():
+                if kernel == "flash_attention_2" and not FLASH_ATTN_AVAILABLE:
                     rows.append(dict(base, kernel=kernel, skipped="flash-attn is not installed"))
                     continue
                 if kernel == "flash_attention_2" and not suite.cuda:

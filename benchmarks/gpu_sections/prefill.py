@@ -12,8 +12,8 @@ import random
 import torch
 
 from selective_attention import mask_heads
-from selective_attention.attention.masked import MASK_MODES, MASKED_NAMES
-from selective_attention.registry import flash_attn_available
+from selective_attention.attention.masked import MASK_MODES
+from selective_attention.registry import FLASH_ATTN_AVAILABLE, MASKED_VARIANTS
 
 from .common import Suite, median_ms, random_ids
 
@@ -38,16 +38,16 @@ def _one_length(suite: Suite, model, label: str, kernels: list[str], heads: list
         model.set_attn_implementation(kernel)
         base_ms = median_ms(prefill, suite.device, suite.repeats)  # its warm-up call also warms this length
         rows.append(dict(context=label, tokens=length, variant=kernel, heads_masked=0, ms=base_ms, ratio=1.0))
-        model.set_attn_implementation(MASKED_NAMES[kernel])
+        model.set_attn_implementation(MASKED_VARIANTS[kernel])
         ms = median_ms(prefill, suite.device, suite.repeats, warmup=0)
-        rows.append(dict(context=label, tokens=length, variant=f"{MASKED_NAMES[kernel]} (none masked)",
+        rows.append(dict(context=label, tokens=length, variant=f"{MASKED_VARIANTS[kernel]} (none masked)",
                          heads_masked=0, ms=ms, ratio=ms / base_ms))
         model.set_attn_implementation(kernel)
         # every mode on SDPA; flash only with `zero` (the modes add the same ops to either kernel)
         for mode in MASK_MODES if kernel == "sdpa" else ("zero",):
             with mask_heads(model, heads, mode):
                 ms = median_ms(prefill, suite.device, suite.repeats, warmup=0)
-            rows.append(dict(context=label, tokens=length, variant=f"{MASKED_NAMES[kernel]} {mode}",
+            rows.append(dict(context=label, tokens=length, variant=f"{MASKED_VARIANTS[kernel]} {mode}",
                              heads_masked=len(heads), ms=ms, ratio=ms / base_ms))
     model.set_attn_implementation("sdpa")
     return rows
@@ -57,12 +57,12 @@ def run(suite: Suite) -> dict:
     model = suite.big_model()
     config = model.config
     heads = _heads(config.num_hidden_layers, config.num_attention_heads, 2 if suite.tiny else HEADS)
-    flash = suite.cuda and flash_attn_available()
+    flash = suite.cuda and FLASH_ATTN_AVAILABLE
     kernels = ["sdpa"] + (["flash_attention_2"] if flash else [])
     rows = []
     for label in ("8K", "32K"):
         rows += _one_length(suite, model, label, kernels, heads)
         suite.empty_cache()
-    why = "no CUDA device" if flash_attn_available() else "flash-attn is not installed"
+    why = "no CUDA device" if FLASH_ATTN_AVAILABLE else "flash-attn is not installed"
     note = "flash_attention_2 timed" if flash else f"flash_attention_2 not timed: {why}"
     return dict(rows=rows, checks=[], notes=[f"{len(heads)} heads masked: {heads}", note])

@@ -11,15 +11,18 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..models.headwise_attention_selective_llama import (LAYER_ATTRIBUTE, PLAN_ATTRIBUTE, HeadwisePlan,
-                                                          first_real_positions, headwise_attention)
-from ..registry import register_attention
-from .masked import masked
+from ..models.headwise_attention_selective_llama import (
+    LAYER_ATTRIBUTE,
+    PLAN_ATTRIBUTE,
+    HeadwisePlan,
+    first_real_positions,
+    headwise_attention,
+)
 
 NAME = "sa_headwise_sdpa"
 
 __all__ = ["LAYER_ATTRIBUTE", "NAME", "PLAN_ATTRIBUTE", "HeadwisePlan", "first_real_positions",
-           "headwise_sdpa_attention", "register"]
+           "headwise_sdpa_attention"]
 
 
 def headwise_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -28,8 +31,3 @@ def headwise_sdpa_attention(module: nn.Module, query: torch.Tensor, key: torch.T
     """`headwise_attention` with SDPA for each head group: (batch, q, heads, head_dim), no weights."""
     return headwise_attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               attention=sdpa_attention_forward, **kwargs)
-
-
-def register() -> None:
-    # Masks from `mask_heads` apply on top (the masked wrapper reads the module's HeadMask).
-    register_attention(NAME, masked(headwise_sdpa_attention), mask="sdpa")

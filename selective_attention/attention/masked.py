@@ -20,7 +20,6 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..registry import flash_attn_available, register_attention
 from .eager import eager_attention_forward
 
 MASK_MODES = ("zero", "uniform", "mean")
@@ -93,6 +92,7 @@ def masked(base: Callable) -> Callable:
             output = _mean_ablate(mask, output, attention_mask, key.shape[2])
         return output, weights
 
+    forward.applies_head_masks = True  # lets callers tell a wrapped function from a bare kernel
     forward.__name__ = f"masked_{getattr(base, '__name__', 'attention')}"
     forward.__doc__ = f"{base.__name__} with selective-attention head ablation."
     return forward
@@ -100,18 +100,3 @@ def masked(base: Callable) -> Callable:
 
 masked_sdpa_attention = masked(sdpa_attention_forward)
 masked_eager_attention = masked(eager_attention_forward)
-
-#: base implementation -> masked name
-MASKED_NAMES = {"sdpa": "sa_masked_sdpa", "eager": "sa_masked_eager"}
-
-
-def register() -> None:
-    register_attention("sa_masked_sdpa", masked_sdpa_attention, mask="sdpa")
-    register_attention("sa_masked_eager", masked_eager_attention, mask="eager")
-    if flash_attn_available():
-        from transformers.integrations.flash_attention import flash_attention_forward
-
-        # The name keeps "flash_attention_2": transformers picks flash code paths (2D masks, packed positions,
-        # kernel version) by matching the implementation name.
-        register_attention("sa_masked_flash_attention_2", masked(flash_attention_forward), mask="flash")
-        MASKED_NAMES["flash_attention_2"] = "sa_masked_flash_attention_2"

@@ -17,7 +17,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..registry import register_attention
 from .eager import exact_attention_forward
 from .intervene import intervene
 from .masked import masked
@@ -112,7 +111,3 @@ def probing(model: nn.Module, rows: int = 1) -> Iterator[ProbeRecorder]:
     recorder = ProbeRecorder(rows)
     with intervene(model, PROBE_ATTRIBUTE, lambda layer: recorder, PROBE_NAME, name="probe"):
         yield recorder
-
-
-def register() -> None:
-    register_attention(PROBE_NAME, probe_attention, mask="sdpa")

@@ -11,9 +11,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import AttentionInterface
 
-from ..registry import register_attention
 from .eager import eager_attention_forward
-from .masked import MASK_ATTRIBUTE, MASKED_NAMES, masked
+from .masked import MASK_ATTRIBUTE, masked
 
 RECORD_ATTRIBUTE = "sa_record"
 NAME = "sa_record"
@@ -33,8 +32,10 @@ def record_attention_forward(module: nn.Module, query, key, value, attention_mas
     slot: RecordSlot | None = getattr(module, RECORD_ATTRIBUTE, None)
     if slot is None:
         return _masked_eager(module, query, key, value, attention_mask, *args, **kwargs)
-    # Always the head-masking variant of the base, so masks set while recording apply in every layer.
-    base = AttentionInterface().get_interface(MASKED_NAMES.get(slot.base, slot.base), _masked_eager)
+    # Always a head-masking function, so masks set while recording apply in every layer.
+    base = AttentionInterface().get_interface(slot.base, _masked_eager)
+    if not getattr(base, "applies_head_masks", False):
+        base = masked(base)
     output, weights = base(module, query, key, value, attention_mask, *args, **kwargs)
     if slot.record:
         if weights is None:
@@ -44,8 +45,3 @@ def record_attention_forward(module: nn.Module, query, key, value, attention_mas
             _, weights = eager_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
         slot.weights = weights.detach()
     return output, weights
-
-
-def register() -> None:
-    # The eager mask: recorded layers need an explicit additive mask, and every kernel accepts one.
-    register_attention(NAME, record_attention_forward, mask="eager")
