@@ -38,7 +38,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--context", type=int, default=8192, help="tokens per window")
     parser.add_argument("--windows", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=["dense", "topk", "bound", "rescore", "alignment"])
-    parser.add_argument("--budgets", type=int, nargs="+", default=[256, 512, 1024], help="keys per row")
+    parser.add_argument("--budgets", type=int, nargs="+", default=None,
+                        help="keys per row (default 256 512 1024 unless --fractions or --exponents is given)")
+    parser.add_argument("--fractions", type=float, nargs="+", default=[],
+                        help="topk, bound, rescore: budgets as a fraction of each row's keys instead")
+    parser.add_argument("--exponents", type=float, nargs="+", default=[],
+                        help="sampled methods: T = ceil(l^E) buds instead of --budgets")
     parser.add_argument("--dense-layers", default="0,1", help="layers kept exact, comma-separated, or 'none'")
     parser.add_argument("--leaf-blocks", type=int, nargs="+", default=[16], help="bound, rescore: keys per block")
     parser.add_argument("--candidates", type=float, nargs="+", default=[4.0],
@@ -48,6 +53,7 @@ def add_parser(subparsers) -> None:
                              "rescore, all for sampled methods)")
     parser.add_argument("--estimates", nargs="+", default=["mean"], help="bound, rescore: rest-mass estimate")
     parser.add_argument("--sampled-windows", type=int, default=None, help="windows for the (slow) sampled methods")
+    parser.add_argument("--seed-windows", dest="sampled_windows", type=int, help=argparse.SUPPRESS)  # old name
     parser.add_argument("--seed", type=int, default=0, help="random seed (feature draws, sampled descent)")
     parser.add_argument("--output", default="results/tree_ppl")
     parser.set_defaults(func=run)
@@ -55,35 +61,41 @@ def add_parser(subparsers) -> None:
 
 def configurations(args: argparse.Namespace, layers: tuple[int, ...]) -> list[tuple[str, TreeKernelConfig | None,
                                                                                     int | None]]:
-    """(name, config, budget) for every method x budget x variant; sampled methods last (slowest)."""
+    """(name, config, budget in keys or None) for every method x budget x variant; sampled methods last."""
     out = [("dense", None, None)] if "dense" in args.methods else []
     common = dict(layers=layers, seed=args.seed, sharing=args.sharing)
-    for budget in args.budgets:
+    budgets = args.budgets if args.budgets is not None else ([] if args.fractions or args.exponents
+                                                             else [256, 512, 1024])
+    modes = [(str(b), dict(budget=b), b) for b in budgets] + [(f"{f:g}", dict(fraction=f), None)
+                                                              for f in args.fractions]
+    for label, size, budget in modes:
         for method in args.methods:
             if method == "topk":
-                out.append((f"topk@{budget}", TreeKernelConfig(method="topk", budget=budget, **common), budget))
+                out.append((f"topk@{label}", TreeKernelConfig(method="topk", **size, **common), budget))
             for leaf in args.leaf_blocks:
                 for estimate in args.estimates:
                     if method == "bound":
-                        out.append((f"bound/b{leaf}/{estimate}@{budget}", TreeKernelConfig(
-                            method="bound", budget=budget, leaf_block=leaf, estimate=estimate, **common), budget))
+                        out.append((f"bound/b{leaf}/{estimate}@{label}", TreeKernelConfig(
+                            method="bound", leaf_block=leaf, estimate=estimate, **size, **common), budget))
                     if method == "rescore":
                         for factor in args.candidates:
-                            config = TreeKernelConfig(method="rescore", budget=budget, leaf_block=leaf,
-                                                      estimate=estimate, candidates=factor, **common)
-                            out.append((f"rescore/b{leaf}/x{factor:g}/{config.sharing}/{estimate}@{budget}", config,
+                            config = TreeKernelConfig(method="rescore", leaf_block=leaf, estimate=estimate,
+                                                      candidates=factor, **size, **common)
+                            out.append((f"rescore/b{leaf}/x{factor:g}/{config.sharing}/{estimate}@{label}", config,
                                         budget))
-    for budget in args.budgets:
+    sampled = [(str(b), dict(budget=b), b) for b in budgets] + [(f"E={e:g}", dict(exponent=e), None)
+                                                                for e in args.exponents]
+    for label, size, budget in sampled:
         for method in args.methods:
             if method in SAMPLED_METHODS:
-                out.append((f"{method}@{budget}", TreeKernelConfig(method=method, budget=budget, **common), budget))
+                out.append((f"{method}@{label}", TreeKernelConfig(method=method, **size, **common), budget))
     unknown = sorted(set(args.methods) - {"dense", "topk", "bound", "rescore", *SAMPLED_METHODS})
     if unknown:
         raise ValueError(f"unknown methods {unknown}")
     return out
 
 
-def report(results: dict, nll: dict, settings: dict, budgets: list[int]) -> list[str]:
+def report(results: dict, nll: dict, settings: dict) -> list[str]:
     """Markdown: perplexity overall and past each budget, excess over dense, costs per row past the budget."""
     dense = nll.get("dense")
     lines = [f"# Tree-kernel perplexity: {settings['model']}, {settings['text']}, {settings['windows']} x "
@@ -101,7 +113,8 @@ def report(results: dict, nll: dict, settings: dict, budgets: list[int]) -> list
         costs = (row.get("costs") or {}).get("past_budget") or {}
         cells = [f"{costs[k]:.1f}" if k in costs else "all" for k in ("exact", "terms", "bounds", "rescored")]
         past_cells = f"{ppl_past:.3f} | {dense_past:.3f} | {excess}" if past else "- | - | -"
-        lines.append(f"| {name} | {budget or 'all'} | {row['ppl']:.3f} | {past_cells} | {' | '.join(cells)} | "
+        label = name.split("@")[1] if "@" in name else "all"
+        lines.append(f"| {name} | {label} | {row['ppl']:.3f} | {past_cells} | {' | '.join(cells)} | "
                      f"{row['seconds']:.0f} |")
     return lines
 
@@ -140,12 +153,15 @@ def run(args: argparse.Namespace) -> int:
     for name, config, budget in configs:
         use = sampled if config is not None and config.method in SAMPLED_METHODS else windows
         sweep(model, use, [(name, config, budget)], results, save)
-    lines = report(results, nll, settings, args.budgets)
+    lines = report(results, nll, settings)
     write_text(output.with_suffix(".md"), "\n".join(lines) + "\n")
-    if "dense" in nll:
-        curves = {b: {n: _flat(nll[n]).tolist() for n, r in results.items() if r.get("budget") == b
-                      and len(_flat(nll[n])) == len(_flat(nll["dense"]))} for b in args.budgets}
-        plot_cumulative_perplexity(_flat(nll["dense"]).tolist(), curves, output.with_suffix(".png"),
+    if "dense" in nll and len(nll) > 1:
+        reference = _flat(nll["dense"])
+        curves: dict[str, dict[str, list[float]]] = {}
+        for name in results:
+            if name != "dense" and len(_flat(nll[name])) == len(reference):  # sampled methods may score fewer
+                curves.setdefault(name.split("@")[1], {})[name.split("@")[0]] = _flat(nll[name]).tolist()
+        plot_cumulative_perplexity(reference.tolist(), curves, output.with_suffix(".png"),
                                    f"{settings['model']}, {settings['text']}, dense layers {settings['dense_layers']}")
     print("\n".join(lines))
     return 0

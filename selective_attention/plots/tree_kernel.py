@@ -16,12 +16,13 @@ def cumulative_perplexity(nll: list[float]) -> np.ndarray:
     return np.exp(np.cumsum(values) / np.arange(1, values.size + 1))
 
 
-def plot_cumulative_perplexity(dense: list[float], curves: dict[int, dict[str, list[float]]], output: str | Path,
+def plot_cumulative_perplexity(dense: list[float], curves: dict[str, dict[str, list[float]]], output: str | Path,
                                title: str) -> Path:
     """One column per budget: cumulative perplexity (top) and its excess over dense in % (bottom) vs position.
 
-    `dense`: per-token NLL of dense attention; `curves`: budget -> label -> per-token NLL (same tokens)."""
-    budgets = sorted(curves)
+    `dense`: per-token NLL of dense attention; `curves`: budget label (keys, a fraction, E=...) -> configuration ->
+    per-token NLL (same tokens). A budget in keys is marked where rows start to exceed it."""
+    budgets = sorted(curves, key=lambda label: (not label.isdigit(), int(label) if label.isdigit() else label))
     figure, axes = plt.subplots(2, len(budgets), figsize=(5 * len(budgets), 7), squeeze=False, sharex=True)
     reference = cumulative_perplexity(dense)
     positions = np.arange(1, reference.size + 1)
@@ -34,7 +35,8 @@ def plot_cumulative_perplexity(dense: list[float], curves: dict[int, dict[str, l
             line, = top.plot(positions, curve, lw=1, label=label)
             bottom.plot(positions, 100 * (curve / reference - 1), lw=1, color=line.get_color())
         for axis in (top, bottom):
-            axis.axvline(budget, color="grey", ls=":", lw=0.8)
+            if budget.isdigit():
+                axis.axvline(int(budget), color="grey", ls=":", lw=0.8)
         top.set_yscale("log")
         top.set_title(f"budget {budget} keys")
         top.set_ylabel("cumulative perplexity")
