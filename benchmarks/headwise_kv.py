@@ -38,7 +38,7 @@ def status_kib(field: str) -> int:
 
 
 def context_ids(tokenizer, length: int) -> torch.Tensor:
-    from selective_attention.needle.haystack import load_haystack_text
+    from selective_attention.needle.corpus import load_haystack_text
 
     ids = tokenizer(load_haystack_text(), add_special_tokens=False)["input_ids"][:length]
     if len(ids) < length:

@@ -10,7 +10,7 @@ from rouge_score import rouge_scorer
 from transformers import AutoTokenizer
 
 from selective_attention.heads import load_sidecar
-from selective_attention.languages import (Language, get_language, register_language, supported_languages,
+from selective_attention.needle.languages import (Language, get_language, register_language, supported_languages,
                                            LANGUAGES)
 from selective_attention.needle.detect import DetectConfig, detect, plan
 from selective_attention.needle.haystack import Haystack, build_prompt, prompt_template

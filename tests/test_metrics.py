@@ -5,7 +5,7 @@ from __future__ import annotations
 import evaluate
 import pytest
 
-from selective_attention.languages import get_language
+from selective_attention.needle.languages import get_language
 from selective_attention.metrics import NEEDLE_ROUGE_PATH
 from selective_attention.needle.needles import resolve_needles
 

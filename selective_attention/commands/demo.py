@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..needle.generate import greedy_decode, stop_token_ids
     from ..needle.haystack import Haystack, build_prompt, check_length, prompt_template
     from ..needle.needles import resolve_needles
-    from ..languages import get_language
+    from ..needle.languages import get_language
     from ..cache.headwise import trial_cache
 
     if args.heads is not None and args.heads < 1:

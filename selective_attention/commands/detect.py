@@ -44,7 +44,7 @@ def add_grid_arguments(parser: argparse.ArgumentParser, lengths: str, depths: st
                         help="folder of .txt files, a text file or dataset:NAME[:SPLIT[:COLUMN]] (default: PG essays)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--no-chat", action="store_true", help="plain prompt even if the tokenizer has a chat template")
-    from ..languages import add_language_arguments
+    from ..needle.languages import add_language_arguments
     from ..quantization import add_quantize_argument
     from ..tracking import add_tracking_arguments
 
@@ -81,7 +81,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from .. import assets
     from ..heads import rank_heads
-    from ..languages import get_language
+    from ..needle.languages import get_language
     from ..loading import load_model
     from ..needle.detect import DetectConfig, detect
     from ..sharding import current_shard

@@ -56,7 +56,7 @@ def kv_head_scores_path(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import assets
-    from ..languages import get_language
+    from ..needle.languages import get_language
     from ..loading import load_model
     from ..needle.evaluate import NeedleConfig, run_needle_grid
     from ..sharding import current_shard

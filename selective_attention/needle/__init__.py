@@ -2,7 +2,8 @@
 
 from .detect import DetectConfig, DetectResult, detect, retrieval_scores
 from .evaluate import NeedleConfig, load_results, resolve_mask, run_needle_grid
-from .haystack import Haystack, NeedlePrompt, build_prompt, load_haystack_text, prompt_template
+from .corpus import load_haystack_text
+from .haystack import Haystack, NeedlePrompt, build_prompt, prompt_template
 from .needles import Needle, builtin_needles, load_needles, resolve_needles
 
 __all__ = [

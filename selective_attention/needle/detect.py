@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..attention.probe import probing
 from ..heads import head_key, load_sidecar
-from ..languages import get_language
+from .languages import get_language
 from ..modeling import text_config
 from ..quantization import describe_model
 from ..sharding import Shard, current_shard, write_part

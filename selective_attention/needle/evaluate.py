@@ -25,7 +25,7 @@ from ..attention.masked import MASK_MODES
 from ..cache.headwise import HeadwiseHandle, parse_full, trial_cache
 from ..cache.selection import SELECTION_METHODS, headwise_policy
 from ..heads import Head, check_head_scores, head_key, load_head_scores, load_sidecar, select_heads, validate_heads
-from ..languages import get_language
+from .languages import get_language
 from ..masking import mask_heads
 from ..modeling import text_config
 from ..quantization import describe_model

@@ -15,69 +15,25 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .languages import Language, get_language
 from .needles import Needle
 
 logger = logging.getLogger(__name__)
 
-#: End of a sentence: terminal punctuation, optional closing quotes/brackets, then whitespace or end of text.
-_SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*$")
-_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])(?=\s)|(?<=[.!?][\"'\u201d\u2019)\]])(?=\s)")
 CHARS_PER_TOKEN_GUESS = 6
-
-PLAIN_HEADER = "Read the document below and answer the question after it.\n\nDocument:\n"
-INSTRUCTION = "\n\nBased on the document above, answer the question in one sentence.\nQuestion: {question}"
-PLAIN_TAIL = INSTRUCTION + "\nAnswer:"
 _SENTINEL = "\u2063SA_CONTEXT\u2063"
-
-
-def load_haystack_text(source: str | Path | None = None) -> str:
-    """Text of the haystack: None (the embedded Paul Graham essays), a folder of .txt files, one text file, or
-    `dataset:NAME[:SPLIT[:COLUMN]]` (a `datasets` dataset; default split train, column text)."""
-    if source is not None and str(source).startswith("dataset:"):
-        from datasets import load_dataset
-
-        name, split, column = (str(source)[len("dataset:"):].split(":") + ["train", "text"])[:3]
-        rows = load_dataset(name, split=split)
-        if column not in rows.column_names:
-            raise ValueError(f"dataset {name} has no column {column!r}; columns: {rows.column_names}")
-        return "\n\n".join(str(text) for text in rows[column] if text)
-    if source is None:
-        from .. import assets
-
-        source = assets.haystack_dir()
-    path = Path(source)
-    if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        if not files:
-            raise FileNotFoundError(f"haystack folder {path} holds no .txt files")
-        return "\n\n".join(f.read_text(encoding="utf-8", errors="replace").strip() for f in files)
-    if path.is_file():
-        return path.read_text(encoding="utf-8", errors="replace")
-    raise FileNotFoundError(f"haystack {path} does not exist (expected a folder of .txt files, a file or dataset:NAME)")
-
-
-def _is_boundary(text: str, start: int) -> bool:
-    """A token starting at `start` begins a new sentence: the text before it ends a sentence, and whitespace
-    separates the two (so "3.5" or "e.g.x" do not count)."""
-    window = text[max(0, start - 32):start]
-    stripped = window.rstrip()
-    return bool(_SENTENCE_END.search(stripped)) and (len(stripped) < len(window) or text[start:start + 1].isspace())
 
 
 class Haystack:
     """Token ids of a haystack text plus the token indices that start a new sentence."""
 
-    def __init__(self, tokenizer, text: str, min_tokens: int = 0, language=None) -> None:
-        """`language` (a code or `selective_attention.languages.Language`): its sentence ends (e.g. Chinese 。！？
-        with no space after) and needle separator; None keeps the English rules."""
+    def __init__(self, tokenizer, text: str, min_tokens: int = 0, language: str | Language = "en") -> None:
+        """`language` (a code or `Language`): its sentence ends (e.g. Chinese 。！？ with no space after) and
+        needle separator."""
         if not text.strip():
             raise ValueError("haystack text is empty")
         self.tokenizer = tokenizer
-        if language is not None:
-            from ..languages import get_language
-
-            language = get_language(language)
-        self.language = language
+        self.language = get_language(language)
         budget = max(min_tokens, 1) * CHARS_PER_TOKEN_GUESS
         piece = text[:budget] if len(text) > budget else text
         ids, boundaries = self._tokenize(piece)
@@ -93,15 +49,13 @@ class Haystack:
         if getattr(self.tokenizer, "is_fast", False):
             encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             starts = [start for start, _ in encoded["offset_mapping"]]
-            if self.language is not None:  # byte pieces of one character share its offset: never split them
-                return list(encoded["input_ids"]), [i for i, start in enumerate(starts) if i > 0 and start > starts[i - 1]
-                                                    and self.language.is_sentence_start(text, start)]
-            return list(encoded["input_ids"]), [i for i, start in enumerate(starts) if i > 0 and _is_boundary(text, start)]
+            # byte pieces of one character share its offset: never split them
+            return list(encoded["input_ids"]), [i for i, start in enumerate(starts) if i > 0 and start > starts[i - 1]
+                                                and self.language.is_sentence_start(text, start)]
         # Slow tokenizers have no offsets: tokenize sentence by sentence, so boundaries are exact by construction.
         ids: list[int] = []
         boundaries: list[int] = []
-        sentences = self.language.split_sentences(text) if self.language is not None else _SENTENCE_SPLIT.split(text)
-        for sentence in sentences:
+        for sentence in self.language.split_sentences(text):
             if ids:
                 boundaries.append(len(ids))
             ids += self.tokenizer(sentence, add_special_tokens=False)["input_ids"]
@@ -128,16 +82,13 @@ class PromptTemplate:
     chat: bool
 
 
-def prompt_template(tokenizer, question: str, chat: bool | None = None, language=None) -> PromptTemplate:
+def prompt_template(tokenizer, question: str, chat: bool | None = None,
+                    language: str | Language = "en") -> PromptTemplate:
     """Chat template when the tokenizer has one (or `chat=True`), a plain prompt otherwise; `language` (code or
     `Language`) words the instruction in the question's language."""
-    instruction, plain_header, plain_tail = INSTRUCTION, PLAIN_HEADER, PLAIN_TAIL
-    if language is not None:
-        from ..languages import get_language
-
-        language = get_language(language)
-        instruction, plain_header = language.instruction, language.header
-        plain_tail = language.instruction + language.answer_cue
+    language = get_language(language)
+    instruction, plain_header = language.instruction, language.header
+    plain_tail = language.instruction + language.answer_cue
     use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
     if use_chat:
         if not getattr(tokenizer, "chat_template", None):

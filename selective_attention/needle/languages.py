@@ -24,6 +24,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
+from .corpus import load_haystack_text
+from .needles import _from_record, builtin_needles, resolve_needles
+
 logger = logging.getLogger(__name__)
 
 #: Sentence ends that need whitespace after them (so "3.5", "e.g.x" and "a.b" do not count).
@@ -121,16 +124,12 @@ class Language:
 
     def needles(self) -> list:
         """The built-in needles of this language."""
-        from .needle.needles import builtin_needles
-
         if self.needles_file is None:
             return builtin_needles()
         return _read_needles(self.needles_file)
 
     def resolve_needles(self, spec: str | None) -> list:
         """`None` (this language's first needle), "all", built-in names "a,b", or a JSONL path."""
-        from .needle.needles import resolve_needles
-
         if self.needles_file is None:  # English: the package's own needle set
             return resolve_needles(spec)
         return resolve_needles(spec, self.needles(), self.name)
@@ -138,8 +137,6 @@ class Language:
     def haystack_text(self, source: str | Path | None = None) -> str:
         """Haystack text: `source` (a folder of .txt files, a file, or `dataset:NAME[:SPLIT[:COLUMN]]`) when given,
         else this language's built-in haystack (the embedded essays for English)."""
-        from .needle.haystack import load_haystack_text
-
         if source is not None or self.haystack_file is None:
             return load_haystack_text(source)
         return _data_text(self.haystack_file)
@@ -235,8 +232,6 @@ def _data_text(name: str) -> str:
 
 
 def _read_needles(name: str) -> list:
-    from .needle.needles import _from_record
-
     records = json.loads(_data_text(name))
     if not isinstance(records, list) or not records:
         raise ValueError(f"needle file {name} must hold a non-empty JSON list")
@@ -265,7 +260,7 @@ def get_language(code: str | Language | None) -> Language:
         if lowered in LANGUAGES:
             return LANGUAGES[lowered]
         raise ValueError(f"unsupported language {code!r}; supported: {', '.join(sorted(LANGUAGES))} "
-                         "(register more with selective_attention.languages.register_language)")
+                         "(register more with selective_attention.needle.languages.register_language)")
     return LANGUAGES[key]
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import MASK_MODES, assets, plots
 from ..heads import load_head_scores
-from ..languages import get_language, supported_languages
+from ..needle.languages import get_language, supported_languages
 from ..loading import DTYPES, load_model
 from ..modeling import text_config
 from ..needle import DetectConfig, NeedleConfig, detect, run_needle_grid
