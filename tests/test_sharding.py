@@ -156,3 +156,26 @@ def test_accelerate_launch_command_line(tmp_path, model_dir):
     meta = load_sidecar(output)
     assert without_timing(meta["trials"]) == without_timing(single.meta["trials"])
     assert output.read_text() == (tmp_path / "single.json").read_text()
+
+
+def test_each_process_gets_its_own_gpus(monkeypatch):
+    """Placement under a launcher, on a pretend 8-GPU machine: one GPU per process, or a slice per process for
+    --device-map auto (max_memory limited to the slice, CPU kept); nothing changes in a single process."""
+    import accelerate.utils
+
+    from selective_attention.sharding import place
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(accelerate.utils, "get_max_memory", lambda: {**{i: 80 * 2**30 for i in range(8)}, "cpu": 2**40})
+    eight = Shard(rank=9, world=16, local_rank=1, local_world=8)
+    assert place(eight, None, None, None) == {"device": "cuda:1", "device_map": None, "max_memory": None}
+    two = Shard(rank=1, world=2, local_rank=1, local_world=2)
+    assert two.gpus() == [4, 5, 6, 7]
+    placed = place(two, None, "auto", None)
+    assert placed["device_map"] == "auto" and sorted(placed["max_memory"], key=str) == [4, 5, 6, 7, "cpu"]
+    explicit = {0: "10GiB"}
+    assert place(two, None, "auto", explicit)["max_memory"] is explicit  # the user's choice is kept
+    assert place(Shard(), None, "auto", None) == {"device": None, "device_map": "auto", "max_memory": None}
+    with pytest.raises(ValueError, match="only 8 GPUs"):
+        Shard(rank=0, world=16, local_rank=0, local_world=16).gpus()
