@@ -42,8 +42,8 @@ def test_demo_without_head_scores_says_so(tiny_dir, capsys, caplog):
 
 @pytest.mark.parametrize("heads", ["0", "9"])
 def test_demo_refuses_head_counts_the_model_cannot_have(tiny_dir, heads, caplog):
-    assert main(["demo", "--model", str(tiny_dir), "--heads", heads, "--context-tokens", "200"]) == 2
-    assert any(f"--heads {heads}" in record.getMessage() for record in caplog.records)
+    assert main(["demo", "--model", str(tiny_dir), "--num-heads", heads, "--context-tokens", "200"]) == 2
+    assert any(f"--num-heads {heads}" in record.getMessage() for record in caplog.records)
 
 
 def test_shipped_scores_follow_the_embedded_model_name():

@@ -69,11 +69,11 @@ def test_cli_needle_headwise(tmp_path, tiny, tokenizer):
     scores.write_text(json.dumps({"1-3": [0.9], "0-0": [0.2]}))
     grid = ["--model", str(model_dir), "--lengths", "64", "--depths", "50", "--max-new-tokens", "3"]
     run = tmp_path / "run"
-    assert main(["needle", *grid, "--output-dir", str(run), "--kv-cache", "headwise", "--full-kv-heads", "0.25",
+    assert main(["needle", *grid, "--output", str(run), "--kv-cache", "headwise", "--full-kv-heads", "0.25",
                  "--head-scores", str(scores), "--sink", "4", "--window", "16"]) == 0
     assert load_manifest(run)["kv_cache"]["pattern"] == [[0, 0], [0, 1]]  # KV head 1 serves query head 3
     for bad in (["--full-kv-heads", "1.5"], ["--full-kv-heads", "0.5"], ["--full-kv-heads", "many"],
                 ["--window", "600"]):
         target = tmp_path / "bad"
-        assert main(["needle", *grid, "--output-dir", str(target), "--kv-cache", "headwise", *bad]) == 2
+        assert main(["needle", *grid, "--output", str(target), "--kv-cache", "headwise", *bad]) == 2
         assert not target.exists()

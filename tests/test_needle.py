@@ -216,7 +216,7 @@ def test_cli_detect_needle_plot(tmp_path, tiny_dir, capsys):
     assert "0 new trials" in capsys.readouterr().out and scores.read_text() == before
 
     run = tmp_path / "run"
-    assert main(["needle", "--model", str(tiny_dir), *grid, "--output-dir", str(run), "--mask", "random:2",
+    assert main(["needle", "--model", str(tiny_dir), *grid, "--output", str(run), "--mask", "random:2",
                  "--seed", "3", "--head-scores", str(scores)]) == 0
     assert len(load_results(run)) == 2
     # bad input: clear error (exit code 2), nothing written
@@ -224,7 +224,7 @@ def test_cli_detect_needle_plot(tmp_path, tiny_dir, capsys):
                 ["--mask", "top:2", "--head-scores", str(tmp_path / "missing.json")], ["--lengths", "100000"],
                 ["--needles", str(tmp_path / "none.jsonl")]):
         target = tmp_path / "bad"
-        assert main(["needle", "--model", str(tiny_dir), *grid, "--output-dir", str(target), *bad]) == 2
+        assert main(["needle", "--model", str(tiny_dir), *grid, "--output", str(target), *bad]) == 2
         assert not target.exists()
     assert main(["plot", "niah", str(run), "--output", str(tmp_path / "n.png")]) == 0
 
@@ -233,6 +233,6 @@ def test_cli_detect_needle_plot(tmp_path, tiny_dir, capsys):
 def test_demo_runs(capsys):
     from selective_attention.cli import main
 
-    assert main(["demo", "--context-tokens", "300", "--heads", "5", "--max-new-tokens", "24"]) == 0
+    assert main(["demo", "--context-tokens", "300", "--num-heads", "5", "--max-new-tokens", "24"]) == 0
     out = capsys.readouterr().out
     assert "unmasked:" in out and "top 5 retrieval heads masked" in out and "5 random heads masked" in out

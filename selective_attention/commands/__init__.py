@@ -3,6 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+
+def add_output_argument(parser: argparse.ArgumentParser, help: str, default=None, type=Path) -> None:
+    """`--output`, the one spelling of "where results go" in every command; `--out` and `--output-dir` stay as
+    hidden aliases for one release."""
+    parser.add_argument("--output", type=type, default=default, help=help + (" (required)" if default is None else ""))
+    for alias in ("--out", "--output-dir"):
+        parser.add_argument(alias, dest="output", type=type, help=argparse.SUPPRESS)
+    parser.set_defaults(output_required=default is None)  # checked by `cli.main`: any spelling satisfies it
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, placement: bool = False) -> None:

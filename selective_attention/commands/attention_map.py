@@ -16,7 +16,7 @@ from ..heads import model_head_scores, select_heads
 from ..loading import load_model
 from ..masking import mask_heads
 from ..modeling import text_config
-from . import add_model_arguments
+from . import add_model_arguments, add_output_argument
 
 logger = logging.getLogger(__name__)
 DEFAULT_TEXT = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--tree-fraction", type=float, default=None, help="tree kernel: fraction of keys kept")
     parser.add_argument("--tree-exponent", type=float, default=None, help="tree kernel: seed methods' E (l^E buds)")
     parser.add_argument("--adapter", default=None, help="intervention: a PEFT adapter loaded on top of --model")
-    parser.add_argument("--out", type=Path, default=Path("attention_maps"))
+    add_output_argument(parser, "folder for the PNGs, maps.safetensors and tokens.json", default=Path("attention_maps"))
     parser.set_defaults(func=run)
 
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tree_kernel:  # a bad method or budget is refused before any work
         tree = TreeKernelConfig(method=args.tree_kernel, fraction=args.tree_fraction, exponent=args.tree_exponent)
     before, tokens = attention_maps(model, tokenizer, text, layers, chat=args.chat)
-    written = _draw_all(before, tokens, layers, _ints(args.heads), args.head, args.out, "")
+    written = _draw_all(before, tokens, layers, _ints(args.heads), args.head, args.output, "")
 
     after, label = None, None
     if heads is not None:
@@ -98,16 +98,16 @@ def run(args: argparse.Namespace) -> int:
         after, _ = attention_maps(other, tokenizer, text, layers, chat=args.chat)
         label = Path(str(args.compare_model)).name
     if after is not None:
-        written += _draw_all(after, tokens, layers, _ints(args.heads), args.head, args.out / "after", f"({label})")
+        written += _draw_all(after, tokens, layers, _ints(args.heads), args.head, args.output / "after", f"({label})")
         for layer in layers:
             written.append(plot_map_comparison(before, after, tokens, layer, args.head,
-                                           args.out / f"compare_layer{layer}_head{args.head}.png", ("before", label)))
+                                           args.output / f"compare_layer{layer}_head{args.head}.png", ("before", label)))
 
     tensors = {f"before.layer{layer}": before[layer].contiguous() for layer in layers}
     if after is not None:
         tensors.update({f"after.layer{layer}": after[layer].contiguous() for layer in layers})
-    save_file(tensors, str(args.out / "maps.safetensors"))
-    (args.out / "tokens.json").write_text(json.dumps({"tokens": tokens, "intervention": label}, indent=1))
+    save_file(tensors, str(args.output / "maps.safetensors"))
+    (args.output / "tokens.json").write_text(json.dumps({"tokens": tokens, "intervention": label}, indent=1))
     for path in written:
         print(path)
     return 0

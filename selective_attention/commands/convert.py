@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..loading import resolve_dtype
+from . import add_output_argument
 
 
 def add_parser(subparsers) -> None:
@@ -14,8 +15,8 @@ def add_parser(subparsers) -> None:
                         help="'9' (every layer), 'N,N,...' (one per layer) or overrides like '15:16,14:1' / 'all:1'")
     parser.add_argument("--method", default="duplicate", choices=["duplicate", "mean", "similarity"],
                         help="how to lower KV heads (layers that gain heads are always duplicated, exactly)")
-    parser.add_argument("--out", required=True, help="output checkpoint folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    add_output_argument(parser, "output checkpoint folder", type=str)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     parser.add_argument("--calibration-file", action="append", default=None,
                         help="text file(s) for similarity/error calibration (default: the haystack essays)")
@@ -46,9 +47,9 @@ def run(args: argparse.Namespace) -> int:
 
         headwise = dict(scores=args.head_scores, full=parse_full(args.headwise_full), sink=args.sink,
                         window=args.window)
-    _, report = convert_model(args.model, args.kv_heads, args.method, texts, out_dir=args.out,
+    _, report = convert_model(args.model, args.kv_heads, args.method, texts, out_dir=args.output,
                               overwrite=args.overwrite, dtype=resolve_dtype(args.dtype),
                               calibration_tokens=args.calibration_tokens, headwise=headwise)
-    print(f"converted {report.source} ({args.method}, {report.calibration_tokens} calibration tokens) -> {args.out}")
+    print(f"converted {report.source} ({args.method}, {report.calibration_tokens} calibration tokens) -> {args.output}")
     print(report.table())
     return 0

@@ -4,7 +4,7 @@ The 30-second tour: a ~1K-token Paul Graham haystack with the San Francisco need
 as is, then with the model's top retrieval heads masked (from `--head-scores`, or the scores shipped for the
 embedded model), then with as many seeded random heads masked.
 
-How many heads: `--heads K`, by default a share of the model's query heads, `DEFAULT_HEAD_SHARE` (7.5%) of
+How many heads: `--num-heads K`, by default a share of the model's query heads, `DEFAULT_HEAD_SHARE` (7.5%) of
 layers x heads rounded, at least 1: 20 of SmolLM2's 270, 5 of Gemma 3 270M's 72. A model without head scores (none
 shipped for it, no `--head-scores`) cannot have its top heads masked; the demo says so (a warning and a line in
 the printed result) and runs only the random-heads comparison.
@@ -36,12 +36,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--context-tokens", type=int, default=1000)
     parser.add_argument("--depth", type=float, default=50.0, help="needle depth in percent")
     parser.add_argument("--needle", default="sf", help="built-in needle name or a JSONL file (first needle)")
-    parser.add_argument("--heads", type=int, default=None,
-                        help=f"how many heads to mask (default: {DEFAULT_HEAD_SHARE:.1%} of the model's query heads, "
+    parser.add_argument("--num-heads", type=int, default=None,
+                        help=f"how many heads to mask (default: {DEFAULT_HEAD_SHARE * 100:.1f}%% of the model's query heads, "
                              "rounded, at least 1: 20 on SmolLM2-135M, 5 on Gemma 3 270M)")
     parser.add_argument("--head-scores", default=None,
                         help="head_scores.json for this model (default: the shipped scores of the embedded model)")
-    parser.add_argument("--mode", default="zero", choices=["zero", "uniform", "mean"])
+    parser.add_argument("--heads", dest="num_heads", type=int, help=argparse.SUPPRESS)  # old spelling, one release
+    parser.add_argument("--mask-mode", default="zero", choices=["zero", "uniform", "mean"])
+    parser.add_argument("--mode", dest="mask_mode", choices=["zero", "uniform", "mean"], help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     add_kv_cache_arguments(parser)
@@ -59,16 +61,16 @@ def run(args: argparse.Namespace) -> int:
     from ..needle.languages import get_language
     from ..cache.headwise import trial_cache
 
-    if args.heads is not None and args.heads < 1:
-        raise ValueError(f"--heads {args.heads}: must be at least 1")
+    if args.num_heads is not None and args.num_heads < 1:
+        raise ValueError(f"--num-heads {args.num_heads}: must be at least 1")
     started = time.perf_counter()
     needle = resolve_needles(args.needle)[0]
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
     config = text_config(model)
     layers, heads = config.num_hidden_layers, config.num_attention_heads
-    count = default_head_count(layers * heads) if args.heads is None else args.heads
+    count = default_head_count(layers * heads) if args.num_heads is None else args.num_heads
     if not 1 <= count <= layers * heads:
-        raise ValueError(f"--heads {count}: this model has {layers * heads} query heads ({layers} x {heads})")
+        raise ValueError(f"--num-heads {count}: this model has {layers * heads} query heads ({layers} x {heads})")
     scores, source = model_head_scores(args.head_scores, args.model, layers, heads)
     if scores is None:
         logger.warning("no head scores for %s (none shipped, no --head-scores): the top-heads run is skipped; make "
@@ -98,17 +100,17 @@ def run(args: argparse.Namespace) -> int:
     show("unmasked:", answer())
     runs = []
     if scores is not None:
-        runs.append((f"top {count} retrieval heads masked ({args.mode}; {source})", "top"))
+        runs.append((f"top {count} retrieval heads masked ({args.mask_mode}; {source})", "top"))
     else:
         print(f"top {count} retrieval heads masked: skipped, no head scores for this model (none shipped, no "
               "--head-scores; make them with `selective-attention detect`)")
-    runs.append((f"{count} random heads masked ({args.mode}, seed {args.seed}"
+    runs.append((f"{count} random heads masked ({args.mask_mode}, seed {args.seed}"
                  + (", none of the top heads)" if scores is not None else ")"), "random"))
     every = {f"{l}-{h}": [0.0] for l in range(layers) for h in range(heads)}
     for label, kind in runs:
         chosen = select_heads(scores if scores is not None else every, f"{kind}:{count}", seed=args.seed,
                               num_layers=layers, num_heads=heads)
-        with mask_heads(model, chosen, mode=args.mode):
+        with mask_heads(model, chosen, mode=args.mask_mode):
             show(label + ":", answer())
         logger.info("masked %s", ",".join(f"{l}-{h}" for l, h in chosen))
     logger.info("demo took %.1fs", time.perf_counter() - started)

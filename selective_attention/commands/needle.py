@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_model_arguments, model_kwargs
+from . import add_model_arguments, add_output_argument, model_kwargs
 from .detect import add_grid_arguments
 
 
@@ -15,8 +15,8 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("needle", help="needle-in-a-haystack grid with optional head masks")
     add_model_arguments(parser, placement=True)
     add_grid_arguments(parser, lengths="1000,2000", depths="0:100:25")
-    parser.add_argument("--output-dir", type=Path, required=True,
-                        help="one JSON per test point (LLMTest_NeedleInAHaystack layout); existing points are kept")
+    add_output_argument(parser, "folder: one JSON per test point (LLMTest_NeedleInAHaystack layout); existing "
+                                "points are kept")
     parser.add_argument("--mask", default=None,
                         help="heads to mask: top:K, bottom:K, random:K (seeded, never a top-K head) or 'L-H,L-H'")
     parser.add_argument("--seed", type=int, default=0, help="seed of random:K")
@@ -79,19 +79,19 @@ def run(args: argparse.Namespace) -> int:
     shard = current_shard()
     model, tokenizer = load_model(**model_kwargs(args, shard))
     if not shard.is_main:  # the main process reports; the others only run their points
-        run_needle_grid(model, tokenizer, config, args.output_dir, model_name=args.model or assets.MODEL_NAME,
+        run_needle_grid(model, tokenizer, config, args.output, model_name=args.model or assets.MODEL_NAME,
                         label=args.label, shard=shard)
         return 0
     with tracker_from_args(args) as tracker:
-        results = run_needle_grid(model, tokenizer, config, args.output_dir,
+        results = run_needle_grid(model, tokenizer, config, args.output,
                                   model_name=args.model or assets.MODEL_NAME, label=args.label, tracker=tracker,
                                   shard=shard)
         if args.report_to != "none" and results:
             from ..needle.evaluate import load_manifest
             from ..plots import plot_niah
 
-            label = load_manifest(args.output_dir).get("label") or args.label or "needle"
-            tracker.log_image("niah", plot_niah([(label, results)], Path(args.output_dir) / "niah.png"))
+            label = load_manifest(args.output).get("label") or args.label or "needle"
+            tracker.log_image("niah", plot_niah([(label, results)], Path(args.output) / "niah.png"))
     mean = sum(r["score"] for r in results) / max(len(results), 1)
-    print(f"{len(results)} points in {args.output_dir}, mean score {mean:.1f}")
+    print(f"{len(results)} points in {args.output}, mean score {mean:.1f}")
     return 0

@@ -117,7 +117,7 @@ def _check_manifest(output_dir: Path, manifest: dict) -> None:
     for field_name in ("model", "masked_heads", "mask_mode", "language", "haystack_language", "kv_cache"):
         if theirs.get(field_name, "en" if "language" in field_name else None) != manifest[field_name]:
             raise ValueError(f"{output_dir} holds results with {field_name}={theirs.get(field_name)!r}, this run has "
-                             f"{manifest[field_name]!r}; use another --output-dir (nothing was overwritten)")
+                             f"{manifest[field_name]!r}; use another --output (nothing was overwritten)")
 
 
 def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Path, model_name: str | None = None,
