@@ -89,16 +89,17 @@ def test_decode_reads_only_candidate_keys_and_kept_values(estimate):
 
 @pytest.mark.parametrize("sharing", ["per_head", "kv_group"])
 @pytest.mark.parametrize("estimate", ["none", "mean"])
-def test_decode_equals_prefill_rows_at_partial_budget(sharing, estimate):
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_decode_equals_prefill_rows_at_partial_budget(sharing, estimate, softcap):
     torch.manual_seed(5)
     q, k, v = torch.randn(1, 4, 90, 16), torch.randn(1, 2, 90, 16), torch.randn(1, 2, 90, 16)
     config = TreeKernelConfig(method="rescore", fraction=0.25, leaf_block=4, estimate=estimate, min_keys=4,
                               candidates=2, sharing=sharing)
-    prefill, _ = tree_attention(q, k, v, None, config)
+    prefill, _ = tree_attention(q, k, v, None, config, softcap=softcap)
     holder = torch.nn.Module()
     for length in range(60, 91, 3):
         step, _ = tree_attention(q[:, :, length - 1:length], k[:, :, :length], v[:, :, :length], None, config,
-                                 module=holder)
+                                 module=holder, softcap=softcap)
         assert (step[:, 0] - prefill[:, length - 1]).abs().max() <= 1e-5, length
 
 
@@ -133,3 +134,15 @@ def test_full_budget_equals_the_sliding_window_model_prefill_and_decode():
         got = model(torch.tensor([prompt])).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)  # the tree kernel computes in float32
     assert greedy_decode(model, prompt, stop_ids=set(), max_new_tokens=10).tokens == dense.tokens
+
+
+def test_soft_capping_full_budget_equals_capped_attention_by_hand():
+    torch.manual_seed(7)
+    q, k, v = torch.randn(1, 4, 30, 8) * 3, torch.randn(1, 2, 30, 8) * 3, torch.randn(1, 2, 30, 8)
+    scores = torch.tanh((q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 8 ** -0.5 / 5.0) * 5.0
+    causal = torch.ones(30, 30, dtype=torch.bool).tril()
+    expected = torch.softmax(scores.masked_fill(~causal, float("-inf")), -1) @ v.repeat_interleave(2, 1)
+    for estimate in ("none", "mean"):
+        config = TreeKernelConfig(method="rescore", fraction=1.0, leaf_block=4, min_keys=1, estimate=estimate)
+        out, _ = tree_attention(q, k, v, None, config, softcap=5.0)
+        torch.testing.assert_close(out.transpose(1, 2), expected, atol=1e-5, rtol=1e-5)
