@@ -45,7 +45,8 @@ def run_grid(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model()
     scores = str(resources.files("selective_attention").joinpath(EMBEDDED_MODEL_SCORES))
-    for name, settings in runs(args.full).items():
+    for name in args.runs:
+        settings = runs(args.full)[name]
         started = time.perf_counter()
         config = NeedleConfig(lengths=args.lengths, depths=args.depths, needles=resolve_needles(args.needles),
                               head_scores=scores, seed=args.seed, sink=args.sink, window=args.window, **settings)
@@ -110,10 +111,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--figure", type=Path, default=DOCS_FIGURE)
+    parser.add_argument("--runs", default=",".join(runs("0.25")), help="which runs, in this order")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     args.lengths = [int(v) for v in args.lengths.split(",")]
     args.depths = [float(v) for v in args.depths.split(",")]
+    args.runs = args.runs.split(",")
+    unknown = set(args.runs) - set(runs(args.full))
+    if unknown:
+        parser.error(f"unknown runs {sorted(unknown)}; expected some of {sorted(runs(args.full))}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not args.report_only:
         run_grid(args)

@@ -13,10 +13,18 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from selective_attention import mask_heads
-from selective_attention.models import headwise_attention_selective_llama as headwise_attention
-from selective_attention.cache import (HeadwiseLayer, HeadwisePolicy, cache_bytes, headwise_cache, kv_budget,
-                                       prefill)
+from selective_attention.cache import (
+    HeadwiseLayer,
+    HeadwisePolicy,
+    cache_bytes,
+    headwise_cache,
+    kv_budget,
+    prefill,
+)
 from selective_attention.modeling import cache_kwargs
+from selective_attention.models import (
+    headwise_attention_selective_llama as headwise_attention,
+)
 
 from .conftest import build_tiny, tiny_llama_config
 

@@ -12,10 +12,14 @@ import pytest
 import torch
 
 from selective_attention.cache import HeadwisePolicy, headwise_cache
-from selective_attention.cache.checkpoint import checkpoint_pattern, headwise_request, kept_fraction
+from selective_attention.cache.checkpoint import (
+    checkpoint_pattern,
+    headwise_request,
+    kept_fraction,
+)
 from selective_attention.hub import build_model_card
-from selective_attention.models.convert import convert_model
 from selective_attention.modeling import cache_kwargs
+from selective_attention.models.convert import convert_model
 
 from .conftest import build_tiny, tiny_llama_config
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig
 
-from selective_attention.cache import (HeadwisePolicy, headwise_policy, kv_budget, kv_head_scores, load_duo_pattern,
-                                       select_full_kv_heads)
+from selective_attention.cache import (
+    HeadwisePolicy,
+    headwise_policy,
+    kv_budget,
+    kv_head_scores,
+    load_duo_pattern,
+    select_full_kv_heads,
+)
 from selective_attention.heads import save_head_scores
 from selective_attention.needle.duo import duo_pattern, write_duo_pattern
 

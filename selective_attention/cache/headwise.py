@@ -18,8 +18,12 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from ..attention.headwise import NAME, PLAN_ATTRIBUTE
-from ..modeling import attention_modules, check_attention_interface
-from ..modeling import cache_kwargs, cache_layer_types
+from ..modeling import (
+    attention_modules,
+    cache_kwargs,
+    cache_layer_types,
+    check_attention_interface,
+)
 from ..models.headwise_cache_selective_llama import HeadwiseLayer
 from .policy import HeadwisePolicy, model_shape
 from .selection import headwise_policy
@@ -90,7 +94,7 @@ class HeadwiseCache(Cache):
         # Another attention function would read the full heads' keys as if they were every KV head.
         if isinstance(self.layers[layer_idx], HeadwiseLayer) and self._config._attn_implementation != NAME:
             raise RuntimeError(f"the head-wise cache needs the attention implementation {NAME!r}, the model uses "
-                               f"{self._config._attn_implementation!r}; build the cache with headwise_cache(model, ...)")
+                               f"{self._config._attn_implementation!r}; build it with headwise_cache(model, ...)")
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @classmethod

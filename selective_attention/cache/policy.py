@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from ..attention.headwise import HeadwisePlan
 from ..modeling import cache_layer_types, text_config
 
+
 def layer_types(config) -> list[str]:
     """Layer type of every layer of a text config, as `DynamicCache` builds them (e.g. "sliding_attention")."""
     return cache_layer_types(config)

@@ -16,7 +16,13 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from ..heads import HeadScores, check_head_scores, load_head_scores, load_sidecar, mean_scores
+from ..heads import (
+    HeadScores,
+    check_head_scores,
+    load_head_scores,
+    load_sidecar,
+    mean_scores,
+)
 from ..modeling import text_config
 from .policy import HeadwisePolicy, layer_types, model_shape
 
