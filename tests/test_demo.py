@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from importlib import resources
 
 import pytest
 from transformers import AutoTokenizer
@@ -52,3 +54,8 @@ def test_shipped_scores_follow_the_embedded_model_name():
     default, label = model_head_scores(None, None, 30, 9)
     assert label == "shipped SmolLM2 scores" and model_head_scores(None, "smollm2-135m", 30, 9) == (default, label)
     assert model_head_scores(None, "some/other-model", 30, 9) == (None, None)
+    gemma, label = model_head_scores(None, "gemma3-270m", 18, 4)
+    assert label == "shipped Gemma 3 270M scores" and len(gemma) == 18 * 4
+    meta = json.loads(resources.files("selective_attention").joinpath("data/gemma3_270m_head_scores.meta.json")
+                      .read_text())
+    assert (meta["model"], meta["num_layers"], meta["num_heads"]) == ("gemma3-270m", 18, 4)
