@@ -6,6 +6,8 @@ group of heads has S in {1, R} rows on that axis.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -71,6 +73,28 @@ def weighted_values(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor
     return torch.einsum("bhrqc,bhqcv->bhrqv", weights, values[:, :, 0])
 
 
+@dataclass
+class IndexedValues:
+    """Values read in place: rows `index` (B, H, R, Q, K) of `cache` (B, H, L, Dv), never gathered into a copy
+    (`embedding_bag` fuses the gather with the weighted sum; float32 caches, else one gather)."""
+
+    cache: torch.Tensor
+    index: torch.Tensor
+
+    def weighted(self, weights: torch.Tensor) -> torch.Tensor:
+        """weights (B, H, R, Q, K) -> (B, H, R, Q, Dv)."""
+        if self.cache.dtype != torch.float32:
+            return weighted_values(weights, gather_nodes(self.cache, self.index).float())
+        batch, heads, width = self.cache.shape[0], self.cache.shape[1], self.index.shape[-1]
+        out = weights.new_empty(*weights.shape[:4], self.cache.shape[-1])
+        for b in range(batch):
+            for h in range(heads):
+                out[b, h] = torch.nn.functional.embedding_bag(
+                    self.index[b, h].reshape(-1, width), self.cache[b, h],
+                    per_sample_weights=weights[b, h].reshape(-1, width), mode="sum").view(out.shape[2:])
+        return out
+
+
 class Softmax:
     """Accumulates sum exp(logit) value over several groups of terms with one running maximum.
 
@@ -78,10 +102,10 @@ class Softmax:
     attention does; a monotonic map, so selections ranked on raw scores or bounds stay valid."""
 
     def __init__(self, softcap: float | None = None) -> None:
-        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = []
+        self.parts: list[tuple[torch.Tensor, torch.Tensor | IndexedValues, torch.Tensor | None]] = []
         self.softcap = softcap
 
-    def add(self, logits: torch.Tensor, values: torch.Tensor, counts: torch.Tensor | None = None,
+    def add(self, logits: torch.Tensor, values: torch.Tensor | IndexedValues, counts: torch.Tensor | None = None,
             capped: bool = False) -> None:
         """Terms exp(logit) value; with `counts` (broadcast to logits) the terms are n exp(logit) (values / n)
         and `values` are the n-key sums, which saves dividing every node's sums by its count. `capped`: the
@@ -103,7 +127,9 @@ class Softmax:
         numerator, denominator = 0.0, 0.0
         for logits, values, counts in self.parts:
             weights = torch.exp(logits - maximum[..., None])
-            numerator = numerator + weighted_values(weights, values)
+            weighted = values.weighted(weights) if isinstance(values, IndexedValues) else weighted_values(weights,
+                                                                                                        values)
+            numerator = numerator + weighted
             denominator = denominator + (weights.sum(-1) if counts is None else (weights * counts).sum(-1))
         return numerator / denominator.clamp(min=1e-30)[..., None]
 

@@ -19,7 +19,7 @@ import torch
 from .bound import GATHER_ROWS, BlockBounds, block_bounds, complete_blocks, local_block, rest_estimate, top_blocks
 from .config import TreeKernelConfig
 from .key_tree import KeyTree
-from .ops import Softmax, dot_rows, gather_counts, gather_nodes, score_nodes
+from .ops import IndexedValues, Softmax, dot_rows, gather_counts, gather_nodes, score_nodes
 
 
 def _keys_wanted(config: TreeKernelConfig, bounds: BlockBounds, budgets, visible, partial, block: int):
@@ -78,7 +78,7 @@ def rescore_rows(config: TreeKernelConfig, tree: KeyTree, key, value, query, pos
             order, keep_ok = _choose(scores, candidate, forced, keys)
             kept_positions = positions_c.expand(*scores.shape).gather(-1, order)  # (B, Hkv, R, Q, K)
             softmax.add(scores.gather(-1, order).masked_fill(~keep_ok, float("-inf")),
-                        gather_nodes(value, kept_positions).float())
+                        IndexedValues(value, kept_positions))
             keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, order, keep_ok)
             drop_values = gather_nodes(bounds.level["vsum"], candidates)  # (B, Hkv, S, Q, W, Dv)
             drop_counts = gather_counts(count, candidates.reshape(batch, -1)).view(candidates.shape).clamp(min=1)
