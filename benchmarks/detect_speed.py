@@ -172,11 +172,14 @@ def _run_worker(args, worker: str, *extra: str) -> dict:
 
 
 def shard_section(args) -> dict:
-    """The detect command, 1 process vs `accelerate launch` with N: wall time and identical files."""
-    rows = {}
+    """The detect command with 1 process (1 thread, then every core) and with `accelerate launch` on N processes
+    (cores / N threads each): wall time and identical head-score files."""
+    cores = os.cpu_count() or 1
+    runs = [(1, 1), (1, cores), (args.shard_processes, max(1, cores // args.shard_processes))]
+    rows, files = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for processes in (1, args.shard_processes):
-            output = Path(tmp) / f"p{processes}.json"
+        for processes, threads in runs:
+            output = Path(tmp) / f"p{processes}-t{threads}.json"
             cli = ["-m", "selective_attention.cli", "--log-level", "WARNING", "detect", "--lengths", args.shard_lengths,
                    "--depths", args.raw_depths, "--needles", args.needles, "--max-new-tokens",
                    str(args.max_new_tokens), "--output", str(output)]
@@ -184,17 +187,16 @@ def shard_section(args) -> dict:
             launcher = [sys.executable] if processes == 1 else [
                 sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                 str(ROOT / "recipes/accelerate/multi_gpu_shard.yaml"), "--num_processes", str(processes)]
-            threads = max(1, (os.cpu_count() or 1) // processes)
             env = dict(os.environ, OMP_NUM_THREADS=str(threads))
             start = time.perf_counter()
             done = subprocess.run(launcher + cli, capture_output=True, text=True, env=env, check=False)
             if done.returncode != 0:
                 sys.exit(f"detect with {processes} processes failed:\n{done.stderr[-3000:]}")
-            rows[processes] = {"seconds": round(time.perf_counter() - start, 1), "threads_per_process": threads,
-                               "scores": output.read_text()}
-    same = rows[1].pop("scores") == rows[args.shard_processes].pop("scores")
-    return {"lengths": args.shard_lengths, "processes": rows, "identical_files": same,
-            "speedup": round(rows[1]["seconds"] / rows[args.shard_processes]["seconds"], 2)}
+            rows.append({"processes": processes, "threads_per_process": threads,
+                         "seconds": round(time.perf_counter() - start, 1)})
+            files.append(output.read_text())
+            print(f"  {processes} x {threads} threads: {rows[-1]['seconds']}s", file=sys.stderr, flush=True)
+    return {"lengths": args.shard_lengths, "runs": rows, "identical_files": len(set(files)) == 1}
 
 
 def main() -> None:
