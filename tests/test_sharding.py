@@ -94,6 +94,7 @@ def needle_points(folder: Path) -> dict[str, dict]:
     return {path.name: json.loads(path.read_text()) for path in sorted(folder.glob("*_results.json"))}
 
 
+@pytest.mark.slow  # launches 2-6 processes (20-90 s on the shared 2-core machine)
 def test_sharded_detect_equals_one_process_and_survives_a_dead_process(tmp_path, model_dir):
     single = run_grid("detect", model_dir, tmp_path / "single.json")
     assert single.new_trials == 12
@@ -120,6 +121,7 @@ def test_sharded_detect_equals_one_process_and_survives_a_dead_process(tmp_path,
     assert not part_paths(resumed)
 
 
+@pytest.mark.slow  # launches 2-6 processes (20-90 s on the shared 2-core machine)
 def test_sharded_needle_equals_one_process_and_survives_a_dead_process(tmp_path, model_dir):
     run_grid("needle", model_dir, tmp_path / "single")
     single = needle_points(tmp_path / "single")
@@ -138,6 +140,7 @@ def test_sharded_needle_equals_one_process_and_survives_a_dead_process(tmp_path,
     assert all(after[name] == point for name, point in before.items())  # points already there were not rerun
 
 
+@pytest.mark.slow  # launches 2-6 processes (20-90 s on the shared 2-core machine)
 def test_accelerate_launch_command_line(tmp_path, model_dir):
     """`accelerate launch --config_file recipes/accelerate/multi_gpu_shard.yaml -m selective_attention.cli detect`
     on 2 CPU processes writes the file the library writes in one process."""
