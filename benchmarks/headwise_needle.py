@@ -75,14 +75,16 @@ def report(args: argparse.Namespace) -> dict:
             "by_length": {str(k): statistics.mean(v) for k, v in sorted(by_length.items())},
             "full_kv_heads": sum(map(sum, kv["pattern"])) if kv else None, "sink": kv.get("sink"),
             "window": kv.get("window"), "seconds": sum(r["test_duration_seconds"] for r in results)})
-        plotted.append((f"{name}: {manifest.get('label')}", results))
+        full = f"{sum(map(sum, kv['pattern']))}/{sum(map(len, kv['pattern']))} KV heads full" if kv else "DynamicCache"
+        plotted.append((f"{name}: {full}", results))
     dense = next((r["mean"] for r in summary["runs"] if r["run"] == "dense"), None)
     for row in summary["runs"]:
         row["vs_dense"] = None if dense is None else row["mean"] - dense
     (args.output / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     (args.output / "summary.md").write_text(markdown(summary), encoding="utf-8")
     if plotted:
-        plot_niah(plotted, args.figure, title="SmolLM2-135M: needle retrieval through a head-wise KV cache")
+        plot_niah(plotted, args.figure, title=f"SmolLM2-135M: needle retrieval through a head-wise KV cache "
+                                              f"(streaming heads: sink {args.sink} + window {args.window})")
     print(markdown(summary))
     return summary
 
