@@ -5,6 +5,7 @@ from .headwise import (
     HeadwiseCache,
     HeadwiseHandle,
     cache_bytes,
+    dense_attention,
     headwise_cache,
     prefill,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "HeadwiseLayer",
     "HeadwisePolicy",
     "cache_bytes",
+    "dense_attention",
     "headwise_cache",
     "headwise_policy",
     "kv_budget",

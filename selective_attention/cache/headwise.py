@@ -12,6 +12,8 @@ model attends through `sa_headwise_sdpa`, with the policy's plan on every attent
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from transformers import PreTrainedModel
@@ -184,11 +186,44 @@ def parse_full(text: str | int | float) -> int | float:
         raise ValueError(f"full KV heads must be a count (e.g. 23) or a fraction (e.g. 0.25), got {text!r}") from None
 
 
+@contextmanager
+def dense_attention(model: PreTrainedModel) -> Iterator[None]:
+    """Every KV head attends to every position while inside: the head-wise plans are detached from the attention
+    modules (and put back on exit), so a forward into a `DynamicCache` is the dense model's. Used for a dense
+    prefill whose cache is trimmed afterwards (`trial_cache(dense_prefill=True)`)."""
+    modules = [module for layer_modules in attention_modules(model).values() for module in layer_modules]
+    saved = [(module, getattr(module, PLAN_ATTRIBUTE, None)) for module in modules]
+    for module in modules:
+        setattr(module, PLAN_ATTRIBUTE, None)
+    try:
+        yield
+    finally:
+        for module, plan in saved:
+            setattr(module, PLAN_ATTRIBUTE, plan)
+
+
 def trial_cache(model: PreTrainedModel, policy: HeadwisePolicy, shared: DynamicCache | None, cached: int,
-                input_ids: list[int], prefill_chunk: int | None = None) -> tuple[HeadwiseCache, int]:
+                input_ids: list[int], prefill_chunk: int | None = None, dense_prefill: bool = False
+                ) -> tuple[HeadwiseCache, int]:
     """(cache, prompt tokens it holds) for one prompt: a shared-prefix `DynamicCache` (computed under the policy's
     plans) converted and trimmed, or an empty cache; with `prefill_chunk`, the prompt but its last token is
-    prefilled here in chunks, so the streaming heads never hold more than sink + window + chunk positions."""
+    prefilled here in chunks, so the streaming heads never hold more than sink + window + chunk positions.
+
+    `dense_prefill=True` (RazorAttention's order instead of DuoAttention's): the prompt but its last token runs
+    through the dense model (every head sees every position; `shared` must then be a dense prefix too), and the
+    cache is trimmed afterwards; only the last prompt token and the answer are computed under the policy. The
+    cache holds the same positions as with a streaming prefill, but the kept keys and values of the recent window
+    were computed with the whole context, and the prefill's peak memory is the dense one."""
+    if dense_prefill:
+        dense = shared if shared is not None else DynamicCache(config=model.config)
+        cached = 0 if shared is None else cached
+        if len(input_ids) - 1 > cached:
+            with dense_attention(model):
+                prefill(model, dense, torch.tensor([input_ids[cached:-1]], device=model.device), chunk=prefill_chunk)
+            cached = len(input_ids) - 1
+        if cached == 0:
+            return HeadwiseCache(policy, model.config), 0
+        return HeadwiseCache.from_dynamic(dense, policy, model.config), cached
     cache = HeadwiseCache(policy, model.config) if shared is None else HeadwiseCache.from_dynamic(shared, policy,
                                                                                                   model.config)
     cached = 0 if shared is None else cached
