@@ -146,3 +146,13 @@ def test_soft_capping_full_budget_equals_capped_attention_by_hand():
         config = TreeKernelConfig(method="rescore", fraction=1.0, leaf_block=4, min_keys=1, estimate=estimate)
         out, _ = tree_attention(q, k, v, None, config, softcap=5.0)
         torch.testing.assert_close(out.transpose(1, 2), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["topk", "bound", "rescore"])
+def test_row_chunks_see_only_their_causal_prefix_and_give_the_same_rows(method):
+    """Prefill chunks trim keys and blocks past their last row; the rows equal one chunk holding them all."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 6, 120, 16), torch.randn(1, 2, 120, 16), torch.randn(1, 2, 120, 16)
+    outs = [tree_attention(q, k, v, None, TreeKernelConfig(method=method, budget=24, leaf_block=8, row_chunk=chunk))[0]
+            for chunk in (120, 16)]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)

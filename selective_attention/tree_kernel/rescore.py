@@ -54,7 +54,7 @@ def rescore_rows(config: TreeKernelConfig, tree: KeyTree, key, value, query, pos
     blocks, partial = complete_blocks(tree, positions)
     bounds = block_bounds(config, tree, query, blocks, rows, windowed)
     if bounds is not None:
-        used, count = tree.num_blocks * block, bounds.level["count"]
+        used, count = bounds.num_blocks * block, bounds.level["count"]
         keys, width = _keys_wanted(config, bounds, budgets, visible, partial, block)
         candidates, candidates_ok, selected = top_blocks(bounds.bound, width)
         if q_len > GATHER_ROWS:
@@ -66,7 +66,7 @@ def rescore_rows(config: TreeKernelConfig, tree: KeyTree, key, value, query, pos
             softmax.add(scores.masked_fill(~keep, float("-inf")), value[:, :, :used].float())
             drop_values, drop_counts = bounds.level["vsum"], count.clamp(min=1)[:, None, None, None]
         else:
-            block_keys = gather_nodes(key[:, :, :used].reshape(batch, kv_heads, tree.num_blocks, block * dim),
+            block_keys = gather_nodes(key[:, :, :used].reshape(batch, kv_heads, bounds.num_blocks, block * dim),
                                       candidates).float()
             block_keys = block_keys.view(batch, kv_heads, *candidates.shape[2:4], -1, dim)  # (B, Hkv, S, Q, C, D)
             positions_c = (candidates[..., None] * block + torch.arange(block, device=key.device)).flatten(-2)
