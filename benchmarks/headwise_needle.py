@@ -6,7 +6,8 @@ of the KV heads full (DuoAttention's setting for GQA models). One folder of poin
 run (resumable), then a summary (JSON + Markdown table) and side-by-side heatmaps.
 
 Run names beyond those: `<select>_<options>` with select top | random | streaming and options separated by `_`:
-a count or fraction of full KV heads (`23`, `0.5`), `w<N>` (window), `s<N>` (sink), `dp` (dense prefill, then trim:
+a count or fraction of full KV heads (`23`, `0.5`), `w<N>` (window), `s<N>` (sink), `x<key>` (the score file named
+`key` in --score-files instead of --scores), `dp` (dense prefill, then trim:
 the prompt runs through the dense model and the cache is trimmed before the answer; the default is DuoAttention's
 streaming prefill, in which the streaming heads attend to sink + window at prefill too). E.g. `top_45_w512_dp`.
 
@@ -66,6 +67,8 @@ def run_settings(name: str, full: str) -> dict:
     for option in options:
         if option == "dp":
             settings["dense_prefill"] = True
+        elif option.startswith("x") and len(option) > 1:
+            settings["scores_key"] = option[1:]
         elif re.fullmatch(r"[ws]\d+", option):
             settings["window" if option[0] == "w" else "sink"] = int(option[1:])
         elif re.fullmatch(r"\d+(\.\d+)?", option) and select != "streaming":
@@ -114,10 +117,11 @@ def run_grid(args: argparse.Namespace) -> None:
     for name in args.runs:
         settings = run_settings(name, args.full)
         dense_prefill = settings.pop("dense_prefill", False)
+        run_scores = args.score_files[settings.pop("scores_key")] if "scores_key" in settings else scores
         settings = {"sink": args.sink, "window": args.window, **settings}
         started = time.perf_counter()
         config = NeedleConfig(lengths=args.lengths, depths=args.depths, needles=resolve_needles(args.needles),
-                              head_scores=scores, seed=args.seed, **settings)
+                              head_scores=run_scores, seed=args.seed, **settings)
         with dense_prefill_patch(dense_prefill):
             results = run_needle_grid(model, tokenizer, config, args.output / name, model_name="SmolLM2-135M-Instruct",
                                       label=f"{name} (dense prefill, then trim)" if dense_prefill else None)
@@ -217,6 +221,7 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, default=DOCS_FIGURE)
     parser.add_argument("--runs", default=",".join(runs("0.25")), help="which runs, in this order")
     parser.add_argument("--scores", help="head-score file for the top runs (default: the shipped SmolLM2 scores)")
+    parser.add_argument("--score-files", default="", help="key=path,... for runs with an x<key> option")
     parser.add_argument("--reuse", type=Path, help="results folder whose dense / random / streaming runs (which do "
                         "not depend on the scores) the report takes when --output has none")
     parser.add_argument("--plot-runs", help="runs to draw in the heatmaps (default: all)")
@@ -226,9 +231,12 @@ def main() -> None:
     args.depths = [float(v) for v in args.depths.split(",")]
     args.runs = args.runs.split(",")
     args.plot_runs = args.plot_runs.split(",") if args.plot_runs else None
+    args.score_files = dict(item.split("=", 1) for item in args.score_files.split(",") if item)
     for name in args.runs:
         try:
-            run_settings(name, args.full)
+            key = run_settings(name, args.full).get("scores_key")
+            if key is not None and key not in args.score_files:
+                raise ValueError(f"run {name!r} needs --score-files {key}=PATH")
         except ValueError as error:
             parser.error(f"{error}; expected some of {sorted(runs(args.full))} or <select>_<options>")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
