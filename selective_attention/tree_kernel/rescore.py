@@ -86,8 +86,13 @@ def rescore_rows(config: TreeKernelConfig, tree: KeyTree, key, value, query, pos
         dropped = candidate & ~keep
         drop_terms = torch.zeros(scores.shape[:4], device=scores.device)
         if config.estimate == "mean" and bool(dropped.any()):
-            lse = softmax.cap(scores).masked_fill(~dropped, float("-inf"))
-            lse = lse.view(*scores.shape[:4], -1, block).logsumexp(-1)  # (B, Hkv, R, Q, blocks)
+            # log of each block's dropped mass, shifted by the row's largest dropped score (one exp, no
+            # logsumexp over 16-wide groups, which costs several passes over the score matrix)
+            capped = softmax.cap(scores)
+            shift = capped.masked_fill(~dropped, float("-inf")).amax(-1, keepdim=True)
+            shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+            mass = torch.exp(capped - shift).masked_fill_(~dropped, 0.0)
+            lse = torch.log(mass.view(*scores.shape[:4], -1, block).sum(-1)) + shift  # (B, Hkv, R, Q, blocks)
             softmax.add(lse - torch.log(drop_counts), drop_values, drop_counts, capped=True)
             drop_terms = torch.isfinite(lse).sum(-1).float()
         rest = rest_estimate(config, bounds, selected, scaled, softmax)
