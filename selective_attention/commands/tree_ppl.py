@@ -12,6 +12,7 @@ NLL), <output>.md and <output>.png (cumulative perplexity vs position).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -22,6 +23,7 @@ from ..io import write_json, write_text
 from ..loading import load_model
 from ..plots.tree_kernel import plot_cumulative_perplexity
 from ..tree_kernel import SAMPLED_METHODS, TreeKernelConfig
+from ..tree_kernel.config import RANKS
 from ..tree_kernel.evaluation import approximated_layers, load_tokens, past_budget_rows, perplexity, sweep
 from . import add_model_arguments
 
@@ -52,6 +54,8 @@ def add_parser(subparsers) -> None:
                         help="heads sharing one selection (default: per_head for topk/bound, kv_group for "
                              "rescore, all for sampled methods)")
     parser.add_argument("--estimates", nargs="+", default=["mean"], help="bound, rescore: rest-mass estimate")
+    parser.add_argument("--ranks", nargs="+", default=["bound"], choices=RANKS,
+                        help="bound, rescore: block rank score (Quest's upper bound, or q . mean key)")
     parser.add_argument("--sampled-windows", type=int, default=None, help="windows for the (slow) sampled methods")
     parser.add_argument("--seed-windows", dest="sampled_windows", type=int, help=argparse.SUPPRESS)  # old name
     parser.add_argument("--seed", type=int, default=0, help="random seed (feature draws, sampled descent)")
@@ -72,17 +76,17 @@ def configurations(args: argparse.Namespace, layers: tuple[int, ...]) -> list[tu
         for method in args.methods:
             if method == "topk":
                 out.append((f"topk@{label}", TreeKernelConfig(method="topk", **size, **common), budget))
-            for leaf in args.leaf_blocks:
-                for estimate in args.estimates:
-                    if method == "bound":
-                        out.append((f"bound/b{leaf}/{estimate}@{label}", TreeKernelConfig(
-                            method="bound", leaf_block=leaf, estimate=estimate, **size, **common), budget))
-                    if method == "rescore":
-                        for factor in args.candidates:
-                            config = TreeKernelConfig(method="rescore", leaf_block=leaf, estimate=estimate,
-                                                      candidates=factor, **size, **common)
-                            out.append((f"rescore/b{leaf}/x{factor:g}/{config.sharing}/{estimate}@{label}", config,
-                                        budget))
+            for leaf, estimate, rank in itertools.product(args.leaf_blocks, args.estimates, args.ranks):
+                ranked = "" if rank == "bound" else f"/rank-{rank}"  # the default keeps the earlier names
+                if method == "bound":
+                    out.append((f"bound/b{leaf}/{estimate}{ranked}@{label}", TreeKernelConfig(
+                        method="bound", leaf_block=leaf, estimate=estimate, rank=rank, **size, **common), budget))
+                if method == "rescore":
+                    for factor in args.candidates:
+                        config = TreeKernelConfig(method="rescore", leaf_block=leaf, estimate=estimate,
+                                                  candidates=factor, rank=rank, **size, **common)
+                        out.append((f"rescore/b{leaf}/x{factor:g}/{config.sharing}/{estimate}{ranked}@{label}",
+                                    config, budget))
     sampled = [(str(b), dict(budget=b), b) for b in budgets] + [(f"E={e:g}", dict(exponent=e), None)
                                                                 for e in args.exponents]
     for label, size, budget in sampled:

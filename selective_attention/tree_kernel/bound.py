@@ -28,7 +28,8 @@ GATHER_ROWS = 8
 class BlockBounds:
     """The complete leaf blocks a chunk of rows can see, with their bounds.
 
-    valid / forced / part_seen (B, Q, N); bound (B, Hs, S, Q, N): +max for forced blocks, -inf for invalid ones.
+    valid / forced / part_seen (B, Q, N); bound (B, Hs, S, Q, N): each block's rank score (`config.rank`: the
+    upper bound, or q . mean key), +max for forced blocks, -inf for invalid ones.
     N: the complete blocks up to the last row's (the tree's first N leaf blocks).
     """
 
@@ -78,7 +79,10 @@ def block_bounds(config: TreeKernelConfig, tree: KeyTree, query: torch.Tensor, b
         valid = valid & (seen > 0)
         part_seen = valid & (seen < count[:, None])
         forced = (forced & valid) | part_seen
-    bound = score_nodes(torch.cat([query.clamp(min=0), -query.clamp(max=0)], -1), level["kbox"])
+    if config.rank == "mean":  # q . mean key: a block's typical score rather than its best possible one
+        bound = score_nodes(query, level["ksum"]) / count.clamp(min=1)[:, None, None, None]
+    else:
+        bound = score_nodes(torch.cat([query.clamp(min=0), -query.clamp(max=0)], -1), level["kbox"])
     bound = reduce_heads(bound, config.sharing, "max")
     bound = torch.where(forced[:, None, None], torch.finfo(bound.dtype).max, bound)
     bound = bound.masked_fill(~valid[:, None, None], float("-inf"))
