@@ -55,7 +55,7 @@ def add_parser(subparsers) -> None:
                              "rescore, all for sampled methods)")
     parser.add_argument("--estimates", nargs="+", default=["mean"], help="bound, rescore: rest-mass estimate")
     parser.add_argument("--ranks", nargs="+", default=["bound"], choices=RANKS,
-                        help="bound, rescore: block rank score (Quest's upper bound, or q . mean key)")
+                        help="bound, rescore: block rank score (Quest's upper bound, q . mean key, or their average)")
     parser.add_argument("--sampled-windows", type=int, default=None, help="windows for the (slow) sampled methods")
     parser.add_argument("--seed-windows", dest="sampled_windows", type=int, help=argparse.SUPPRESS)  # old name
     parser.add_argument("--seed", type=int, default=0, help="random seed (feature draws, sampled descent)")
