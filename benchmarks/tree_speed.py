@@ -45,26 +45,30 @@ def settings(budget: int) -> list[tuple[str, TreeKernelConfig]]:
     return [
         ("bound/kv_group/mean", TreeKernelConfig(method="bound", budget=budget, sharing="kv_group")),
         ("bound/kv_group/none", TreeKernelConfig(method="bound", budget=budget, sharing="kv_group", estimate="none")),
-        ("rescore/x4/mean", TreeKernelConfig(method="rescore", budget=budget)),
-        ("rescore/x4/none", TreeKernelConfig(method="rescore", budget=budget, estimate="none")),
         ("rescore/x2/mean", TreeKernelConfig(method="rescore", budget=budget, candidates=2)),
         ("rescore/x2/none", TreeKernelConfig(method="rescore", budget=budget, candidates=2, estimate="none")),
+        ("rescore/x4/mix/mean", TreeKernelConfig(method="rescore", budget=budget, rank="mix")),
+        ("rescore/x2/mix/mean", TreeKernelConfig(method="rescore", budget=budget, candidates=2, rank="mix")),
+        ("rescore/x2/mix/none", TreeKernelConfig(method="rescore", budget=budget, candidates=2, rank="mix",
+                                                 estimate="none")),
     ]
 
 
 def vectors_read(config: TreeKernelConfig, costs: dict, length: int) -> float:
     """d-wide vectors one step reads per KV head, as a fraction of dense (every key and value once).
 
-    bounds: one kbox row (2 vectors) per block; estimate terms: ksum + vsum per block; rescored keys: one each
-    (per KV head when the candidates are shared by the group, else per query head); values: one per kept key and
-    query head."""
+    blocks ranked: one kbox row (2 vectors) per block for rank "bound", ksum (1) for "mean", both (3) for "mix";
+    estimate terms: ksum + vsum per block (vsum alone when the rank read ksum); rescored keys: one each (per KV
+    head when the candidates are shared by the group, else per query head); values: one per kept key and query
+    head."""
     group = HEADS // KV_HEADS
     blocks = costs["bounds"]
-    estimate = 2 * blocks if config.estimate == "mean" else 0
+    ranked = {"bound": 2, "mean": 1, "mix": 3}[config.rank] * blocks
+    estimate = (2 if config.rank == "bound" else 1) * blocks if config.estimate == "mean" else 0
     per_key = 1 if config.sharing in ("kv_group", "all") else group
     keys = costs["rescored"] * per_key
     values = costs["exact"] * (group if config.method == "rescore" else per_key)
-    return (2 * blocks + estimate + keys + values) / (2 * length)
+    return (ranked + estimate + keys + values) / (2 * length)
 
 
 def inputs(length: int, steps: int, real: torch.Tensor | None, generator: torch.Generator):

@@ -38,6 +38,7 @@ class BlockBounds:
     forced: torch.Tensor
     part_seen: torch.Tensor | None
     bound: torch.Tensor
+    mean_score: torch.Tensor | None = None  # q . mean key per head (B, Hkv, R, Q, N), when the rank computed it
 
     @property
     def num_blocks(self) -> int:
@@ -83,11 +84,12 @@ def block_bounds(config: TreeKernelConfig, tree: KeyTree, query: torch.Tensor, b
         mean = score_nodes(query, level["ksum"]) / count.clamp(min=1)[:, None, None, None]
     if config.rank != "mean":
         bound = score_nodes(torch.cat([query.clamp(min=0), -query.clamp(max=0)], -1), level["kbox"])
+    mean_score = mean if config.rank != "bound" else None
     bound = mean if config.rank == "mean" else 0.5 * (bound + mean) if config.rank == "mix" else bound
     bound = reduce_heads(bound, config.sharing, "max")
     bound = torch.where(forced[:, None, None], torch.finfo(bound.dtype).max, bound)
     bound = bound.masked_fill(~valid[:, None, None], float("-inf"))
-    return BlockBounds(level, valid, forced, part_seen, bound)
+    return BlockBounds(level, valid, forced, part_seen, bound, mean_score)
 
 
 def top_blocks(bound: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,7 +103,7 @@ def top_blocks(bound: torch.Tensor, wanted: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def rest_estimate(config: TreeKernelConfig, bounds: BlockBounds, selected: torch.Tensor, scaled: torch.Tensor,
-                  softmax: Softmax) -> torch.Tensor:
+                  softmax: Softmax, scaling: float) -> torch.Tensor:
     """Adds n exp(q . k_mean), v_mean for every valid block not `selected` (B, Hs, S, Q, N); returns the terms
     per row and head (B, Hs, S, Q)."""
     rest = bounds.valid[:, None, None] & ~selected
@@ -110,7 +112,10 @@ def rest_estimate(config: TreeKernelConfig, bounds: BlockBounds, selected: torch
     if config.estimate != "mean":
         return torch.zeros(rest.shape[:-1], device=rest.device)
     counts = bounds.level["count"].clamp(min=1)[:, None, None, None]  # (B, 1, 1, 1, N)
-    logits = score_nodes(scaled, bounds.level["ksum"]) / counts  # q . mean key
+    if bounds.mean_score is not None:  # the rank computed it already (unscaled query)
+        logits = bounds.mean_score * scaling
+    else:
+        logits = score_nodes(scaled, bounds.level["ksum"]) / counts  # q . mean key
     softmax.add(logits.masked_fill(~rest, float("-inf")), bounds.level["vsum"], counts)
     return rest.sum(-1).float()
 
@@ -158,7 +163,7 @@ def flat_bound_rows(config: TreeKernelConfig, tree: KeyTree, key, value, query, 
             exact = mask.sum(-1).float()
         else:
             exact = gather_blocks(key, value, rows, kept, kept_ok, block, bounds.num_blocks, scaled, softmax)
-        rest_terms = rest_estimate(config, bounds, selected, scaled, softmax)
+        rest_terms = rest_estimate(config, bounds, selected, scaled, softmax, scaling)
         bounded = available.float()
     exact = exact.mean((1, 2)) + local_block(key, value, rows, positions, blocks, block, scaled, softmax)
     config.stats.add(visible, budgets, exact, exact + rest_terms.mean((1, 2)), bounded)

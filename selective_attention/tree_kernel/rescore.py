@@ -95,7 +95,7 @@ def rescore_rows(config: TreeKernelConfig, tree: KeyTree, key, value, query, pos
             lse = torch.log(mass.view(*scores.shape[:4], -1, block).sum(-1)) + shift  # (B, Hkv, R, Q, blocks)
             softmax.add(lse - torch.log(drop_counts), drop_values, drop_counts, capped=True)
             drop_terms = torch.isfinite(lse).sum(-1).float()
-        rest = rest_estimate(config, bounds, selected, scaled, softmax)
+        rest = rest_estimate(config, bounds, selected, scaled, softmax, scaling)
         exact = keep_ok.sum(-1).float().mean((1, 2))
         rescored = candidate.sum(-1).float().mean((1, 2))
         terms = exact + drop_terms.mean((1, 2)) + rest.mean((1, 2))
