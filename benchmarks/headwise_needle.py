@@ -7,7 +7,7 @@ run (resumable), then a summary (JSON + Markdown table) and side-by-side heatmap
 
 Run names beyond those: `<select>_<options>` with select top | random | streaming and options separated by `_`:
 a count or fraction of full KV heads (`23`, `0.5`), `w<N>` (window), `s<N>` (sink), `x<key>` (the score file named
-`key` in --score-files instead of --scores), `dp` (dense prefill, then trim:
+`key` in --score-files instead of --scores), `seed<N>` (selection seed), `dp` (dense prefill, then trim:
 the prompt runs through the dense model and the cache is trimmed before the answer; the default is DuoAttention's
 streaming prefill, in which the streaming heads attend to sink + window at prefill too). E.g. `top_45_w512_dp`.
 
@@ -69,6 +69,8 @@ def run_settings(name: str, full: str) -> dict:
             settings["dense_prefill"] = True
         elif option.startswith("x") and len(option) > 1:
             settings["scores_key"] = option[1:]
+        elif re.fullmatch(r"seed\d+", option):
+            settings["seed"] = int(option[4:])
         elif re.fullmatch(r"[ws]\d+", option):
             settings["window" if option[0] == "w" else "sink"] = int(option[1:])
         elif re.fullmatch(r"\d+(\.\d+)?", option) and select != "streaming":
@@ -118,10 +120,10 @@ def run_grid(args: argparse.Namespace) -> None:
         settings = run_settings(name, args.full)
         dense_prefill = settings.pop("dense_prefill", False)
         run_scores = args.score_files[settings.pop("scores_key")] if "scores_key" in settings else scores
-        settings = {"sink": args.sink, "window": args.window, **settings}
+        settings = {"sink": args.sink, "window": args.window, "seed": args.seed, **settings}
         started = time.perf_counter()
         config = NeedleConfig(lengths=args.lengths, depths=args.depths, needles=resolve_needles(args.needles),
-                              head_scores=run_scores, seed=args.seed, **settings)
+                              head_scores=run_scores, **settings)
         with dense_prefill_patch(dense_prefill):
             results = run_needle_grid(model, tokenizer, config, args.output / name, model_name="SmolLM2-135M-Instruct",
                                       label=f"{name} (dense prefill, then trim)" if dense_prefill else None)
