@@ -38,9 +38,9 @@ def runs(full: str) -> dict[str, dict]:
 
 def run_grid(args: argparse.Namespace) -> None:
     from selective_attention.heads import EMBEDDED_MODEL_SCORES
-    from selective_attention.loading import load_model
-    from selective_attention.needle.evaluate import NeedleConfig, run_needle_grid
-    from selective_attention.needle.needles import resolve_needles
+    from selective_attention.loading.loader import load_model
+    from selective_attention.retrieval.evaluate import NeedleConfig, run_needle_grid
+    from selective_attention.retrieval.needles import resolve_needles
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model()
@@ -56,7 +56,7 @@ def run_grid(args: argparse.Namespace) -> None:
 
 
 def report(args: argparse.Namespace) -> dict:
-    from selective_attention.needle.evaluate import load_manifest, load_results
+    from selective_attention.retrieval.evaluate import load_manifest, load_results
     from selective_attention.plots import plot_niah
 
     summary, plotted = {"runs": []}, []

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import selective_attention
 from selective_attention import mask_heads, masked_heads, unmask_heads
 from selective_attention.modeling import output_cache
-from selective_attention.models import SelectiveLlamaConfig, SelectiveLlamaForCausalLM
+from selective_attention.gqa import SelectiveLlamaConfig, SelectiveLlamaForCausalLM
 
 IDS = torch.tensor([[5, 17, 3, 99, 42, 8, 23, 64, 7, 11, 2, 90]])
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,

@@ -7,13 +7,13 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from selective_attention.needle.evaluate import (
+from selective_attention.retrieval.evaluate import (
     NeedleConfig,
     load_manifest,
     load_results,
     run_needle_grid,
 )
-from selective_attention.needle.needles import resolve_needles
+from selective_attention.retrieval.needles import resolve_needles
 
 from .conftest import build_tiny, tiny_llama_config
 

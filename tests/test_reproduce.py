@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from selective_attention.reproduce import ReproduceConfig, load_reproduce_config, reproduce, write_results_doc
+from selective_attention.reproduce.pipeline import ReproduceConfig, load_reproduce_config, reproduce, write_results_doc
 
 from .test_recipes import ROOT, tiny_model_dir  # noqa: F401  (fixture)
 

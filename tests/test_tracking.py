@@ -11,8 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from selective_attention import quantization, tracking  # noqa: E402
-from selective_attention.tracking import (MissingBackendError, TrackingConfig, check_backend, log_trial,  # noqa: E402
+from selective_attention.loading import quantization  # noqa: E402
+from selective_attention.retrieval import tracking  # noqa: E402
+from selective_attention.retrieval.tracking import (MissingBackendError, TrackingConfig, check_backend, log_trial,  # noqa: E402
                                           make_tracker)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..modeling import attention_modules, check_attention_interface, text_config
+from selective_attention.modeling import attention_modules, check_attention_interface, text_config
 
 #: Attribute of the model holding its stack of active interventions (innermost last).
 STACK_ATTRIBUTE = "_sa_interventions"

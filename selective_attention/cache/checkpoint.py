@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..heads import check_head_scores, load_head_scores, load_sidecar, mean_scores
-from .selection import SELECTION_METHODS, full_count, select_full_kv_heads
+from selective_attention.cache.selection import SELECTION_METHODS, full_count, select_full_kv_heads
+from selective_attention.heads.scores import check_head_scores, load_head_scores, load_sidecar, mean_scores
 
 
 def headwise_request(scores=None, *, full: int | float | None = 0.25, threshold: float | None = None, sink: int = 64,

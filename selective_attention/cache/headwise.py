@@ -17,16 +17,16 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ..attention.headwise import NAME, PLAN_ATTRIBUTE
-from ..modeling import (
+from selective_attention.attention.headwise import NAME, PLAN_ATTRIBUTE
+from selective_attention.cache.policy import HeadwisePolicy, model_shape
+from selective_attention.cache.selection import headwise_policy
+from selective_attention.gqa.headwise_cache_selective_llama import HeadwiseLayer
+from selective_attention.modeling import (
     attention_modules,
     cache_kwargs,
     cache_layer_types,
     check_attention_interface,
 )
-from ..models.headwise_cache_selective_llama import HeadwiseLayer
-from .policy import HeadwisePolicy, model_shape
-from .selection import headwise_policy
 
 logger = logging.getLogger(__name__)
 

@@ -16,15 +16,9 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from ..heads import (
-    HeadScores,
-    check_head_scores,
-    load_head_scores,
-    load_sidecar,
-    mean_scores,
-)
-from ..modeling import text_config
-from .policy import HeadwisePolicy, layer_types, model_shape
+from selective_attention.cache.policy import HeadwisePolicy, layer_types, model_shape
+from selective_attention.heads.scores import HeadScores, check_head_scores, load_head_scores, load_sidecar, mean_scores
+from selective_attention.modeling import text_config
 
 SELECTION_METHODS = ("top", "random")
 KVScores = list[list[float]]  # [layer][kv_head]

@@ -12,19 +12,23 @@ import math
 import torch
 from torch import nn
 
-from ..attention.eager import exact_attention_forward
-from ..attention.masked import masked
-from ..modeling import attention_modules, check_attention_interface, text_config
-from ..modeling import sliding_window_layers
-from .bound import flat_bound_rows
-from .bound_tree import tree_bound_rows
-from .config import FEATURE_METHODS, SAMPLED_METHODS, TreeKernelConfig
-from .feature_maps import feature_map, random_features
-from .key_tree import KeyTree
-from .ops import row_mask
-from .rescore import rescore_rows
-from .sampled import sampled_rows
-from .topk import topk_rows
+from selective_attention.attention.eager import exact_attention_forward
+from selective_attention.attention.masked import masked
+from selective_attention.modeling import (
+    attention_modules,
+    check_attention_interface,
+    sliding_window_layers,
+    text_config,
+)
+from selective_attention.tree_kernel.bound import flat_bound_rows
+from selective_attention.tree_kernel.bound_tree import tree_bound_rows
+from selective_attention.tree_kernel.config import FEATURE_METHODS, SAMPLED_METHODS, TreeKernelConfig
+from selective_attention.tree_kernel.feature_maps import feature_map, random_features
+from selective_attention.tree_kernel.key_tree import KeyTree
+from selective_attention.tree_kernel.ops import row_mask
+from selective_attention.tree_kernel.rescore import rescore_rows
+from selective_attention.tree_kernel.sampled import sampled_rows
+from selective_attention.tree_kernel.topk import topk_rows
 
 logger = logging.getLogger(__name__)
 

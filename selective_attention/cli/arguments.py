@@ -1,0 +1,53 @@
+"""Flags shared by the subcommands: `--output` (with its hidden aliases) and the model-loading flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_output_argument(parser: argparse.ArgumentParser, help: str, default=None, type=Path) -> None:
+    """`--output`, the one spelling of "where results go" in every command; `--out` and `--output-dir` stay as
+    hidden aliases for one release."""
+    parser.add_argument("--output", type=type, default=default, help=help + (" (required)" if default is None else ""))
+    for alias in ("--out", "--output-dir"):
+        parser.add_argument(alias, dest="output", type=type, help=argparse.SUPPRESS)
+    parser.set_defaults(output_required=default is None)  # checked by `cli.main`: any spelling satisfies it
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, placement: bool = False) -> None:
+    """--model/--dtype/--attn/--device, shared by every command that loads a model; with `placement` also
+    --device-map/--max-memory/--offload-folder (big-model inference), read back by `model_kwargs`."""
+    parser.add_argument("--model", default=None, help="HF model id, local dir or .gguf file (default: embedded SmolLM2)")
+    parser.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 | auto")
+    parser.add_argument("--attn", default="sdpa", help="base attention implementation: sdpa | eager | flash_attention_2")
+    parser.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where transformers puts it)")
+    if placement:
+        parser.add_argument("--device-map", default=None,
+                            help="split the model over devices: auto | balanced | balanced_low_0 | sequential, "
+                                 "a JSON object {\"model.layers.0\": 0, ...} or a JSON file (accelerate "
+                                 "big-model inference)")
+        parser.add_argument("--max-memory", default=None,
+                            help="memory per device for --device-map, e.g. '0=70GiB,1=70GiB,cpu=200GiB'")
+        parser.add_argument("--offload-folder", default=None,
+                            help="folder for weights the device map puts on disk")
+
+
+def model_kwargs(args: argparse.Namespace, shard=None) -> dict:
+    """Keyword arguments of `selective_attention.loading.loader.load_model` from the model arguments; checked before any
+    loading. `shard` (a `selective_attention.distributed.sharding.Shard`) gives each process of a sharded run its own GPU(s)."""
+    from selective_attention.distributed.placement import check_placement, parse_device_map, parse_max_memory
+    from selective_attention.loading.loader import resolve_dtype
+
+    resolve_dtype(args.dtype)
+    device_map = parse_device_map(getattr(args, "device_map", None))
+    max_memory = parse_max_memory(getattr(args, "max_memory", None))
+    offload_folder = getattr(args, "offload_folder", None)
+    check_placement(args.device, device_map, max_memory, offload_folder)
+    placed = {"device": args.device, "device_map": device_map, "max_memory": max_memory}
+    if shard is not None:
+        from selective_attention.distributed.sharding import place
+
+        placed = place(shard, **placed)
+    return dict(model=args.model, dtype=args.dtype, attn_implementation=args.attn, offload_folder=offload_folder,
+                quantize=getattr(args, "quantize", None), **placed)

@@ -1,0 +1,129 @@
+"""`selective-attention detect`: retrieval-head scores over a needle grid (head_scores.json + sidecar).
+
+`accelerate launch -m selective_attention.cli detect ...` splits the trials over the processes (see
+`selective_attention.distributed.sharding`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from selective_attention.cli.arguments import add_model_arguments, model_kwargs
+
+logger = logging.getLogger(__name__)
+
+
+def parse_numbers(text: str, kind=float) -> list:
+    """"400,800" -> [400, 800]; "0:100:25" -> 0, 25, ..., 100 (inclusive)."""
+    try:
+        if ":" in text:
+            start, stop, step = (kind(part) for part in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            values, value = [], start
+            while value <= stop + 1e-9:
+                values.append(kind(value))
+                value += step
+            return values
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"malformed list {text!r}: expected '1,2,3' or 'start:stop:step'") from None
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser, lengths: str, depths: str) -> None:
+    """--lengths/--depths/--needles/--haystack/--max-new-tokens/--no-chat, shared by detect and needle."""
+    parser.add_argument("--lengths", type=lambda t: parse_numbers(t, int), default=parse_numbers(lengths, int),
+                        help=f"context lengths in tokens, '500,1000' or 'start:stop:step' (default {lengths})")
+    parser.add_argument("--depths", type=parse_numbers, default=parse_numbers(depths),
+                        help=f"needle depths in percent (default {depths})")
+    parser.add_argument("--needles", default=None,
+                        help="built-in needle names ('sf,violin'), 'all', or a JSONL file of needle/question/answer "
+                             "(default: the language's first needle, 'sf' in English)")
+    parser.add_argument("--haystack", default=None,
+                        help="folder of .txt files, a text file or dataset:NAME[:SPLIT[:COLUMN]] (default: PG essays)")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--no-chat", action="store_true", help="plain prompt even if the tokenizer has a chat template")
+    from selective_attention.loading.quantization import add_quantize_argument
+    from selective_attention.retrieval.languages import add_language_arguments
+    from selective_attention.retrieval.tracking import add_tracking_arguments
+
+    add_language_arguments(parser)
+    add_quantize_argument(parser)
+    add_tracking_arguments(parser)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("detect", help="score retrieval heads on a needle-in-a-haystack grid")
+    add_model_arguments(parser, placement=True)
+    add_grid_arguments(parser, lengths="1000,2000", depths="0:100:25")
+    parser.add_argument("--output", type=Path, default=Path("head_scores.json"),
+                        help="head-score file; an existing one is resumed/merged (sidecar: *.meta.json)")
+    parser.add_argument("--method", default="probe", choices=["probe", "reference"],
+                        help="probe: SDPA + argmax probe (fast); reference: eager decode with output_attentions")
+    parser.add_argument("--no-prefix-reuse", action="store_true", help="prefill every trial from scratch")
+    parser.add_argument("--decode-batch", type=int, default=8,
+                        help="probe: decode up to this many trials of one prompt length together (1: one at a time)")
+    parser.add_argument("--rouge-threshold", type=float, default=0.5,
+                        help="a trial counts when its answer's ROUGE-1 recall of the needle exceeds this (0.5)")
+    parser.add_argument("--save-inputs", action="store_true", help="store each trial's prompt token ids in the sidecar")
+    parser.add_argument("--top", type=int, default=10, help="print this many top heads at the end")
+    parser.add_argument("--export-duo", type=Path, default=None,
+                        help="also write the top heads (--duo-top) as a DuoAttention pattern directory "
+                             "(full_attention_heads.tsv + config.json), or as one TSV for a path ending in .tsv")
+    parser.add_argument("--duo-top", type=int, default=20, help="number of retrieval heads for --export-duo")
+    parser.add_argument("--duo-sink", type=int, default=64, help="sink_size written to the DuoAttention config.json")
+    parser.add_argument("--duo-recent", type=int, default=256,
+                        help="recent_size written to the DuoAttention config.json")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from selective_attention import assets
+    from selective_attention.distributed.sharding import current_shard
+    from selective_attention.heads.selection import rank_heads
+    from selective_attention.loading.loader import load_model
+    from selective_attention.retrieval.detect import DetectConfig, detect
+    from selective_attention.retrieval.languages import get_language
+    from selective_attention.retrieval.tracking import tracker_from_args
+
+    config = DetectConfig(lengths=args.lengths, depths=args.depths,
+                          needles=get_language(args.language).resolve_needles(args.needles),
+                          method=args.method, max_new_tokens=args.max_new_tokens, save_inputs=args.save_inputs,
+                          haystack=args.haystack, chat=False if args.no_chat else None,
+                          reuse_prefix=not args.no_prefix_reuse, language=args.language,
+                          haystack_language=args.haystack_language, decode_batch=args.decode_batch,
+                          rouge_threshold=args.rouge_threshold)
+    from selective_attention.retrieval.tracking import check_backend
+
+    check_backend(args.report_to)
+    shard = current_shard()
+    model, tokenizer = load_model(**model_kwargs(args, shard))
+    if not shard.is_main:  # the main process reports; the others only run their trials
+        detect(model, tokenizer, config, args.output, model_name=args.model or assets.MODEL_NAME, shard=shard)
+        return 0
+    with tracker_from_args(args) as tracker:
+        result = detect(model, tokenizer, config, args.output, model_name=args.model or assets.MODEL_NAME,
+                        tracker=tracker, shard=shard)
+        if args.report_to != "none":
+            from selective_attention.plots import plot_head_scores
+
+            meta = result.meta
+            image = plot_head_scores(result.scores, Path(args.output).with_suffix(".png"),
+                                     title=f"retrieval scores, {meta['model']} ({config.language} needle, "
+                                           f"{config.haystack_language} haystack)",
+                                     num_layers=meta["num_layers"], num_heads=meta["num_heads"])
+            tracker.log_image("head_scores", image)
+    counted = result.meta["counted_trials"]
+    print(f"{result.new_trials} new trials ({len(result.meta['trials'])} in {args.output}, {counted} counted) "
+          f"in {result.seconds:.1f}s")
+    for (layer, head), score in rank_heads(result.scores)[: args.top]:
+        print(f"  {layer}-{head}: {score:.3f}")
+    if args.export_duo:
+        from selective_attention.heads.duo import duo_pattern, write_duo_pattern
+
+        meta = result.meta
+        pattern = duo_pattern(result.scores, meta["num_layers"], meta["num_heads"], meta["num_key_value_heads"],
+                              args.duo_top)
+        print(f"DuoAttention pattern of the top {args.duo_top} heads: {write_duo_pattern(args.export_duo, pattern, args.duo_sink, args.duo_recent)}")
+    return 0

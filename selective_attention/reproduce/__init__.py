@@ -1,0 +1,1 @@
+"""`selective-attention reproduce`: the seeds' experiments end to end (`pipeline`) and their report (`report`)."""
