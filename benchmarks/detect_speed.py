@@ -74,7 +74,7 @@ def floor(model, tokenizer, config, batch: int) -> dict[str, list[int]]:
         else:
             decoded = decode_batch(model, group, stop_ids=stop, max_new_tokens=config.max_new_tokens, shared=shared)
         for prompt, answer in zip(group, decoded):
-            answers[trial_key(prompt.extra["length"], prompt.depth_percent, prompt.needle)] = answer.tokens
+            answers[trial_key(prompt.requested_length, prompt.depth_percent, prompt.needle)] = answer.tokens
     return answers
 
 

@@ -25,8 +25,7 @@ def prompts(length: int = 40, starts: tuple[int, ...] = (4, 22, 33)) -> list[Nee
     out = []
     for start in starts:
         ids = haystack[:start] + needle + haystack[start:length - len(needle)]
-        out.append(NeedlePrompt(ids, (start, start + 5), length, 0.0, 0.0, needle_spec, prefix_length=start,
-                                extra={"header_length": 0}))
+        out.append(NeedlePrompt(ids, (start, start + 5), length, 0.0, 0.0, needle_spec, prefix_length=start))
     return out
 
 

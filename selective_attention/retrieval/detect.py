@@ -135,10 +135,7 @@ def plan(tokenizer, config: DetectConfig) -> tuple[Haystack, list[NeedlePrompt]]
         template = prompt_template(tokenizer, needle.question, chat=config.chat, language=config.language)
         for length in config.lengths:
             for depth in config.depths:
-                prompt = build_prompt(haystack, template, needle, length, depth)
-                prompt.extra["header_length"] = len(template.header_ids)
-                prompt.extra["length"] = length
-                prompts.append(prompt)
+                prompts.append(build_prompt(haystack, template, needle, length, depth))
     return haystack, prompts
 
 
@@ -159,7 +156,7 @@ def reuse_order(prompts: list[NeedlePrompt]) -> list[NeedlePrompt]:
     """Prompts sorted by template header, length, needle and depth: contiguous chunks of this list (one per process)
     share a header and the haystack's start, so each process keeps its shared-prefix reuse, and trials of one
     length and needle (one decode batch) stay together."""
-    return sorted(prompts, key=lambda p: (p.input_ids[: p.extra["header_length"]], p.extra["length"],
+    return sorted(prompts, key=lambda p: (p.input_ids[: p.header_length], p.requested_length,
                                           p.needle.name, p.depth_percent))
 
 
@@ -183,7 +180,7 @@ def detect(model, tokenizer, config: DetectConfig, output: str | Path | None = N
     _check_languages(output, config)
     _, prompts = plan(tokenizer, config)
     for prompt in prompts:
-        check_length(model, len(prompt.input_ids), config.max_new_tokens, prompt.extra["length"])
+        check_length(model, len(prompt.input_ids), config.max_new_tokens, prompt.requested_length)
     meta = {"format_version": FORMAT_VERSION, "model": model_name, "num_layers": num_layers, "num_heads": num_heads,
             "num_key_value_heads": getattr(text, "num_key_value_heads", num_heads), "settings": config.settings(),
             "rouge": f"rouge-score rouge1 recall of the needle, {_rouge_note(config.language)}",
@@ -194,7 +191,7 @@ def detect(model, tokenizer, config: DetectConfig, output: str | Path | None = N
         fold_parts(output, meta, model_name, num_layers, num_heads)  # what an interrupted sharded run left
     shard.wait()
     records = existing_records(output, model_name, num_layers, num_heads)
-    pending = [p for p in prompts if trial_key(p.extra["length"], p.depth_percent, p.needle) not in records]
+    pending = [p for p in prompts if trial_key(p.requested_length, p.depth_percent, p.needle) not in records]
     mine = shard.split(reuse_order(pending))
     logger.info("%d trials in the grid, %d already done, %d to run (%s)%s", len(prompts), len(prompts) - len(pending),
                 len(pending), config.method, f", {len(mine)} in process {shard.rank}" if shard.sharded else "")
@@ -239,8 +236,8 @@ def _record(tokenizer, prompt: NeedlePrompt, decoded, seconds: float, config: De
     counted = recall > config.rouge_threshold
     scores = retrieval_scores(decoded.argmax, decoded.tokens, prompt.input_ids, prompt.needle_span)
     record = {
-        "key": trial_key(prompt.extra["length"], prompt.depth_percent, prompt.needle),
-        "context_length_requested": prompt.extra["length"],
+        "key": trial_key(prompt.requested_length, prompt.depth_percent, prompt.needle),
+        "context_length_requested": prompt.requested_length,
         "context_length": prompt.context_length,
         "prompt_tokens": len(prompt.input_ids),
         "depth_percent": prompt.depth_percent,
@@ -257,7 +254,7 @@ def _record(tokenizer, prompt: NeedlePrompt, decoded, seconds: float, config: De
     }
     if config.save_inputs:
         record["input_ids"] = prompt.input_ids
-    logger.info("len %d depth %g needle %s: rouge %.2f%s, %d heads hit, %.1fs: %r", prompt.extra["length"],
+    logger.info("len %d depth %g needle %s: rouge %.2f%s, %d heads hit, %.1fs: %r", prompt.requested_length,
                 prompt.depth_percent, prompt.needle.name, recall, "" if counted else " (not counted)", len(scores),
                 seconds, response[:80])
     return record

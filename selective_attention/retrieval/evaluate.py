@@ -166,13 +166,12 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
             for depth in config.depths:
                 prompt = build_prompt(haystack, template, needle, length, depth)
                 check_length(model, len(prompt.input_ids), config.max_new_tokens, length)
-                prompt.extra.update(header_length=len(template.header_ids), length=length)
                 prompts.append(prompt)
     if shard.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         _write_json(output_dir / MANIFEST, manifest)
     pending = [p for p in prompts
-               if not point_path(output_dir, p.extra["length"], p.depth_percent, p.needle).exists()]
+               if not point_path(output_dir, p.requested_length, p.depth_percent, p.needle).exists()]
     done = len(prompts) - len(pending)
     shard.wait()  # every process has listed the missing points before any writes one
     pending = shard.split(reuse_order(pending))
@@ -200,7 +199,7 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
                 score = round(100 * get_language(config.language).rouge1_recall(target, response), 2)
                 result = {
                     "model": model_name,
-                    "context_length": prompt.extra["length"],
+                    "context_length": prompt.requested_length,
                     "depth_percent": prompt.depth_percent,
                     "version": 1,
                     "needle": prompt.needle.needle,
@@ -217,7 +216,7 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
                     "mask_mode": manifest["mask_mode"],
                     "kv_cache": kv_cache["describe"] if kv_cache else "dynamic",
                 }
-                _write_json(point_path(output_dir, prompt.extra["length"], prompt.depth_percent, prompt.needle),
+                _write_json(point_path(output_dir, prompt.requested_length, prompt.depth_percent, prompt.needle),
                             result)
                 logger.info("len %d depth %g: %.0f %r", result["context_length"], result["depth_percent"], score,
                             response[:80])

@@ -154,7 +154,7 @@ class SharedPrefix:
         self.model = model
         self.cache = None
         self.ids: list[int] = []
-        headers = {tuple(p.input_ids[: p.extra.get("header_length", 0)]) for p in prompts}
+        headers = {tuple(p.input_ids[: p.header_length]) for p in prompts}
         if prompts and len(headers) == 1:
             longest = max(prompts, key=lambda p: p.prefix_length)
             self.ids = longest.input_ids[: longest.prefix_length]

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-import re
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 from selective_attention.retrieval.languages import Language, get_language
 from selective_attention.retrieval.needles import Needle
@@ -118,7 +116,8 @@ class NeedlePrompt:
     actual_depth: float  # insertion point / haystack tokens x 100
     needle: Needle
     prefix_length: int  # tokens shared with every other prompt on this haystack (header + haystack[:insert])
-    extra: dict = field(default_factory=dict)
+    header_length: int = 0  # template tokens before the haystack (chat header, BOS)
+    requested_length: int = 0  # the grid's context length (`context_length` may differ by a token or two)
 
 
 def needle_ids(tokenizer, needle: Needle, at_start: bool, separator: str = " ") -> list[int]:
@@ -153,6 +152,8 @@ def build_prompt(haystack: Haystack, template: PromptTemplate, needle: Needle, c
         actual_depth=round(100.0 * insert / max(haystack_tokens, 1), 2),
         needle=needle,
         prefix_length=start,
+        header_length=len(template.header_ids),
+        requested_length=int(context_length),
     )
 
 
