@@ -1,8 +1,12 @@
-"""Flags shared by the subcommands: `--output` (with its hidden aliases) and the model-loading flags."""
+"""Flags shared by the subcommands: `--output` (with its hidden aliases), the model-loading flags, and the flags
+derived from a task's config dataclass (`add_config_arguments`, read back by `config_from_args`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import types
+import typing
 from pathlib import Path
 
 
@@ -51,3 +55,41 @@ def model_kwargs(args: argparse.Namespace, shard=None) -> dict:
         placed = place(shard, **placed)
     return dict(model=args.model, dtype=args.dtype, attn_implementation=args.attn, offload_folder=offload_folder,
                 quantize=getattr(args, "quantize", None), **placed)
+
+
+def _flag_type(hint) -> tuple[type, bool]:
+    """(element type, is a list) of a field annotation: `int`, `int | None`, `list[float]`, `list[str] | None`."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return _flag_type(args[0])
+    if typing.get_origin(hint) is list:
+        return args[0], True
+    return hint, False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of a config dataclass: `--dense-layers` for `dense_layers`, the field's default, and its
+    `metadata` "help", "choices" and hidden "aliases" (old spellings); lists take one or more values."""
+    hints = typing.get_type_hints(config_class)
+    for spec in dataclasses.fields(config_class):
+        if spec.name in skip:
+            continue
+        kind, many = _flag_type(hints[spec.name])
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        choices = spec.metadata.get("choices")
+        help = spec.metadata.get("help")
+        options = dict(dest=spec.name, type=kind, nargs="+" if many else None, choices=choices)
+        if choices and len(", ".join(map(str, choices))) > 30:  # a long list reads better in the help than in usage
+            options["metavar"] = spec.name.upper()
+            help = f"{help} (choices: %(choices)s)"
+        if kind is bool:
+            options = dict(dest=spec.name, action=argparse.BooleanOptionalAction)
+        parser.add_argument("--" + spec.name.replace("_", "-"), default=default, help=help, **options)
+        for alias in spec.metadata.get("aliases", ()):
+            parser.add_argument(alias, help=argparse.SUPPRESS, **options)
+
+
+def config_from_args(config_class: type, args: argparse.Namespace, **values):
+    """The config dataclass from parsed flags (`add_config_arguments`), with `values` taking precedence."""
+    names = {spec.name for spec in dataclasses.fields(config_class)}
+    return config_class(**{**{name: getattr(args, name) for name in names if hasattr(args, name)}, **values})

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from selective_attention import assets
+from selective_attention.loading import assets
 
 
 def add_parser(subparsers) -> None:

@@ -79,9 +79,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selective_attention import assets
     from selective_attention.distributed.sharding import current_shard
     from selective_attention.heads.selection import rank_heads
+    from selective_attention.loading import assets
     from selective_attention.loading.loader import load_model
     from selective_attention.retrieval.detect import DetectConfig, detect
     from selective_attention.retrieval.languages import get_language

@@ -55,8 +55,8 @@ def kv_head_scores_path(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selective_attention import assets
     from selective_attention.distributed.sharding import current_shard
+    from selective_attention.loading import assets
     from selective_attention.loading.loader import load_model
     from selective_attention.retrieval.evaluate import NeedleConfig, run_needle_grid
     from selective_attention.retrieval.languages import get_language

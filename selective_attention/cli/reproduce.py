@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from selective_attention.reproduce.pipeline import STEPS, load_reproduce_config, reproduce, write_results_doc
+from selective_attention.reproduce import STEPS, load_reproduce_config, reproduce, write_results_doc
 
 
 def add_parser(subparsers) -> None:

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
-from selective_attention import MASK_MODES
+from selective_attention.attention.masked import MASK_MODES
 from selective_attention.gqa.convert import METHODS as CONVERT_METHODS
 from selective_attention.loading.loader import DTYPES
 from selective_attention.recipes.parsing import CheckedArguments, YamlMapping

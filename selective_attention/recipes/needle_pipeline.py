@@ -15,8 +15,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from selective_attention import MASK_MODES, assets, plots
+from selective_attention import plots
+from selective_attention.attention.masked import MASK_MODES
 from selective_attention.heads.scores import load_head_scores
+from selective_attention.loading import assets
 from selective_attention.loading.loader import DTYPES, load_model
 from selective_attention.modeling import text_config
 from selective_attention.recipes.io import RUN_MARKER, prepare_output_dir, write_json, write_text

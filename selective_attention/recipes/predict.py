@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from selective_attention import assets
+from selective_attention.loading import assets
 from selective_attention.loading.loader import resolve_dtype
 from selective_attention.recipes.nli import (
     INVALID,

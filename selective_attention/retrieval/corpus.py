@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from selective_attention import assets
+from selective_attention.loading import assets
 
 
 def load_haystack_text(source: str | Path | None = None) -> str:

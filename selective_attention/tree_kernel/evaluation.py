@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selective_attention import assets
-from selective_attention.heads.masking import attention_modules
+from selective_attention.loading import assets
+from selective_attention.modeling import attention_modules
 from selective_attention.tree_kernel.attention import configure_tree_kernel
 from selective_attention.tree_kernel.config import TreeKernelConfig
 

@@ -7,7 +7,7 @@ import torch
 
 def default_calibration_texts() -> list[str]:
     """The first haystack essays (Paul Graham), enough for a few hundred tokens."""
-    from selective_attention import assets
+    from selective_attention.loading import assets
 
     essays = sorted(assets.haystack_dir().glob("*.txt"))
     return [path.read_text(encoding="utf-8") for path in essays[:2]]

@@ -70,7 +70,7 @@ def load_source(model_or_path, dtype: torch.dtype = torch.float32):
         check_model_type(model_or_path.config, type(model_or_path).__name__)
         return model_or_path, None, str(getattr(model_or_path, "name_or_path", "") or type(model_or_path).__name__)
     if model_or_path is None:
-        from selective_attention import assets
+        from selective_attention.loading import assets
 
         model_or_path = assets.model_dir()
     name = str(model_or_path)
