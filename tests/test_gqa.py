@@ -209,6 +209,25 @@ def test_sequence_classification_from_causal_checkpoint(tmp_path):
     assert classifier.score.weight.grad is not None
 
 
+def test_sequence_classification_loads_without_plugin(tmp_path):
+    """The classification head builds its body through AutoModel: that must resolve under remote code too."""
+    config = SelectiveLlamaConfig(**TINY, num_key_value_heads_per_layer=[1, 2, 2], num_labels=3)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).eval()
+    assert type(model.model).__name__ == "SelectiveLlamaModel"
+    model.save_pretrained(tmp_path / "ckpt")
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_WITHOUT_PLUGIN.replace("AutoModelForCausalLM", "AutoModelForSequenceClassification"))
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-I", str(script), json.dumps([str(tmp_path / "ckpt")]),
+                             json.dumps(IDS.tolist()), str(tmp_path / "logits.pt")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transformers_modules" in result.stdout and "SelectiveLlamaForSequenceClassification" in result.stdout
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt")[0], logits(model))
+
+
 def test_peft_lora_trains_one_step():
     peft = pytest.importorskip("peft")
     model = selective_tiny([1, 2, 4], [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 2, 3]]).train()

@@ -23,15 +23,9 @@ def register() -> None:
     model_type = SelectiveLlamaConfig.model_type
     pairs = [(AutoModel, SelectiveLlamaModel), (AutoModelForCausalLM, SelectiveLlamaForCausalLM),
              (AutoModelForSequenceClassification, SelectiveLlamaForSequenceClassification)]
-    try:
-        AutoConfig.register(model_type, SelectiveLlamaConfig, exist_ok=True)
-    except TypeError:  # older signature without exist_ok
-        AutoConfig.register(model_type, SelectiveLlamaConfig)
+    AutoConfig.register(model_type, SelectiveLlamaConfig, exist_ok=True)
     for auto_class, model_class in pairs:
-        try:
-            auto_class.register(SelectiveLlamaConfig, model_class, exist_ok=True)
-        except TypeError:
-            auto_class.register(SelectiveLlamaConfig, model_class)
+        auto_class.register(SelectiveLlamaConfig, model_class, exist_ok=True)
 
 
 register()

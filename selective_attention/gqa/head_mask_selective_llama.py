@@ -47,25 +47,39 @@ def ablate_before(mask, query: torch.Tensor) -> torch.Tensor:
     return query
 
 
-def ablate_after(mask, output: torch.Tensor, attention_mask, kv_len: int) -> torch.Tensor:
-    """Zero or causal-running-mean ablation of the masked heads' outputs (B, q, H, D)."""
-    index = mask.index(output.device)
-    if mask.mode == "zero":
-        return output.index_fill(2, index, 0.0)
-    if mask.mode != "mean":
-        return output
+# Copied from selective_attention.attention.masked._valid_query_positions
+def _valid_query_positions(attention_mask: torch.Tensor | None, q_len: int, kv_len: int, batch: int) -> torch.Tensor | None:
+    """(B, q) bool: query rows that are real tokens (a padded token cannot attend to its own key)."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    rows = torch.arange(q_len, device=attention_mask.device)
+    diagonal = attention_mask[:, 0, rows, rows + (kv_len - q_len)]
+    valid = diagonal if diagonal.dtype == torch.bool else diagonal == 0
+    return valid.expand(batch, q_len)
+
+
+# Copied from selective_attention.attention.masked._mean_ablate with HeadMask->ConfigHeadMask
+def _mean_ablate(mask: ConfigHeadMask, output: torch.Tensor, attention_mask, kv_len: int) -> torch.Tensor:
     batch, q_len = output.shape[:2]
-    selected = output.index_select(2, index).float()
-    weight = torch.ones(batch, q_len, device=output.device)
-    if attention_mask is not None and attention_mask.dim() == 4:
-        rows = torch.arange(q_len, device=attention_mask.device)
-        diagonal = attention_mask[:, 0, rows, rows + (kv_len - q_len)]
-        weight = (diagonal if diagonal.dtype == torch.bool else diagonal == 0).expand(batch, q_len).float()
+    index = mask.index(output.device)
+    selected = output.index_select(2, index).float()  # (B, q, h, D)
+    valid = _valid_query_positions(attention_mask, q_len, kv_len, batch)
+    weight = torch.ones(batch, q_len, device=output.device) if valid is None else valid.float()
     running_sum = torch.cumsum(selected * weight[:, :, None, None], dim=1)
     running_count = torch.cumsum(weight, dim=1)
-    if kv_len != q_len and mask._mean_sum is not None and mask._mean_sum.shape[0] == batch:
+    fresh = kv_len == q_len or mask._mean_sum is None or mask._mean_sum.shape[0] != batch
+    if not fresh:
         running_sum = running_sum + mask._mean_sum[:, None]
         running_count = running_count + mask._mean_count[:, None]
     mask._mean_sum, mask._mean_count = running_sum[:, -1], running_count[:, -1]
     mean = running_sum / running_count.clamp(min=1)[:, :, None, None]
     return output.index_copy(2, index, mean.to(output.dtype))
+
+
+def ablate_after(mask, output: torch.Tensor, attention_mask, kv_len: int) -> torch.Tensor:
+    """Zero or causal-running-mean ablation of the masked heads' outputs (B, q, H, D)."""
+    if mask.mode == "zero":
+        return output.index_fill(2, mask.index(output.device), 0.0)
+    if mask.mode == "mean":
+        return _mean_ablate(mask, output, attention_mask, kv_len)
+    return output

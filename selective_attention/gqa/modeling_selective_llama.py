@@ -27,17 +27,15 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
-    LlamaMLP,
     LlamaModel,
     LlamaPreTrainedModel,
     LlamaRMSNorm,
-    LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
 )
 
@@ -58,13 +56,40 @@ AUTO_MAP = {
 }
 
 
-def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """softmax(QK^T * scaling + mask) V; `key`/`value` carry `query_heads / num_key_value_groups` heads."""
-    groups = module.num_key_value_groups
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+# Copied from transformers.models.llama.modeling_llama.repeat_kv
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """
+    This is the equivalent of torch.repeat_interleave(x, dim=1, repeats=n_rep). The hidden states go from (batch,
+    num_key_value_heads, seqlen, head_dim) to (batch, num_attention_heads, seqlen, head_dim)
+    """
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+# Copied from selective_attention.attention.eager.eager_attention_forward
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(QK^T * scaling + mask) V, returning (B, q, Hq, D) and the (B, Hq, q, kv) weights."""
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    n_rep = query.shape[1] // key.shape[1]
+    key = repeat_kv(key, n_rep)
+    value = repeat_kv(value, n_rep)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attention_mask[..., : key.shape[-2]], torch.finfo(scores.dtype).min)
@@ -72,7 +97,8 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
             scores = scores + attention_mask[..., : key.shape[-2]]
     weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
 
 
 def sliding_window_mask(attention_mask, query_length: int, key_length: int, window: int, device):
@@ -201,14 +227,15 @@ class SelectiveLlamaAttention(nn.Module):
         return attn_output, attn_weights
 
 
+# Each class below calls its Llama parent's `__init__`, then replaces what differs (the attention, the body). Built
+# directly, the replaced Llama modules are allocated first and dropped; `from_pretrained` and the converter build
+# on the meta device, where that costs nothing.
+
+
 class SelectiveLlamaDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: SelectiveLlamaConfig, layer_idx: int):
-        nn.Module.__init__(self)
-        self.hidden_size = config.hidden_size
+        super().__init__(config, layer_idx)
         self.self_attn = SelectiveLlamaAttention(config=config, layer_idx=layer_idx)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
 
 class SelectiveLlamaPreTrainedModel(LlamaPreTrainedModel):
@@ -228,16 +255,10 @@ class SelectiveLlamaModel(SelectiveLlamaPreTrainedModel, LlamaModel):
     _auto_class = "AutoModel"
 
     def __init__(self, config: SelectiveLlamaConfig):
-        PreTrainedModel.__init__(self, config)
-        self.padding_idx = config.pad_token_id
-        self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        super().__init__(config)
         self.layers = nn.ModuleList(
             [SelectiveLlamaDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LlamaRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
         self.post_init()
 
 
@@ -245,10 +266,8 @@ class SelectiveLlamaForCausalLM(SelectiveLlamaPreTrainedModel, LlamaForCausalLM)
     _auto_class = "AutoModelForCausalLM"
 
     def __init__(self, config: SelectiveLlamaConfig):
-        PreTrainedModel.__init__(self, config)
+        super().__init__(config)
         self.model = SelectiveLlamaModel(config)
-        self.vocab_size = config.vocab_size
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
@@ -266,11 +285,11 @@ class SelectiveLlamaForSequenceClassification(SelectiveLlamaPreTrainedModel, Lla
     _auto_class = "AutoModelForSequenceClassification"
 
     def __init__(self, config: SelectiveLlamaConfig):
-        PreTrainedModel.__init__(self, config)
-        self.num_labels = config.num_labels
-        self.model = SelectiveLlamaModel(config)
-        self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
-        self.post_init()
+        # The parent builds its body with `AutoModel.from_config(config)`. Register SelectiveLlamaModel for this
+        # config's class: under remote code, transformers loads the configuration file once more for the config
+        # object, so its class is not the one imported above.
+        AutoModel.register(type(config), SelectiveLlamaModel, exist_ok=True)
+        super().__init__(config)
 
 
 SelectiveLlamaConfig._auto_class = "AutoConfig"
