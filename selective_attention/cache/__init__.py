@@ -3,6 +3,7 @@
 from selective_attention.cache.headwise import (
     HeadwiseCache,
     HeadwiseHandle,
+    attach_headwise,
     cache_bytes,
     headwise_cache,
     prefill,
@@ -24,6 +25,7 @@ __all__ = [
     "HeadwiseHandle",
     "HeadwiseLayer",
     "HeadwisePolicy",
+    "attach_headwise",
     "cache_bytes",
     "headwise_cache",
     "headwise_policy",

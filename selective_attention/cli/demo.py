@@ -122,12 +122,12 @@ def headwise_demo_policy(args: argparse.Namespace, model, scores, prompt_tokens:
     """With --kv-cache headwise: the policy every answer of the demo decodes under (the model switched to it)."""
     if args.kv_cache != "headwise":
         return None
-    from selective_attention.cache import HeadwiseHandle, headwise_policy, kv_budget
+    from selective_attention.cache import attach_headwise, headwise_policy, kv_budget
     from selective_attention.cache.headwise import parse_full
 
     policy = headwise_policy(model, scores, full=parse_full(args.full_kv_heads), sink=args.sink, window=args.window,
                              method=args.kv_select, seed=args.seed)
-    HeadwiseHandle(model, policy)
+    attach_headwise(model, policy)
     budget = kv_budget(model, policy, prompt_tokens)
     print(f"head-wise KV cache: {policy.describe()} ({args.kv_select}); {budget.fraction:.0%} of the dense KV "
           f"positions kept at {prompt_tokens} tokens")

@@ -75,8 +75,8 @@ def mask_heads(model: PreTrainedModel, heads: HeadSpec, mode: str = "zero") -> H
     grouped = group_by_layer(parsed)
     handle = intervene(model, MASK_ATTRIBUTE, lambda layer: HeadMask(grouped[layer], mode) if layer in grouped else None,
                        implementation, config={CONFIG_HEADS: [head_key(layer, head) for layer, head in parsed],
-                                               CONFIG_MODE: mode}, name=f"mask_heads({len(parsed)} heads, {mode})")
-    handle.__class__ = HeadMaskHandle
+                                               CONFIG_MODE: mode}, name=f"mask_heads({len(parsed)} heads, {mode})",
+                       handle=HeadMaskHandle)
     handle.heads, handle.mode = parsed, mode
     logger.info("masked %d heads (%s) with %s", len(parsed), mode, implementation)
     return handle

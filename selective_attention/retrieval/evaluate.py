@@ -22,7 +22,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from selective_attention.attention.masked import MASK_MODES
-from selective_attention.cache.headwise import HeadwiseHandle, parse_full, trial_cache
+from selective_attention.cache.headwise import attach_headwise, parse_full, trial_cache
 from selective_attention.cache.selection import SELECTION_METHODS, headwise_policy
 from selective_attention.distributed.sharding import Shard, current_shard
 from selective_attention.heads.ids import Head, head_key, validate_heads
@@ -182,7 +182,7 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
     stop_ids = stop_token_ids(tokenizer, model)
     if pending:
         handle = mask_heads(model, heads, mode=config.mask_mode) if heads else None
-        headwise = HeadwiseHandle(model, policy) if policy is not None else None
+        headwise = attach_headwise(model, policy) if policy is not None else None
         try:
             # Mean ablation keeps running state along the sequence, so it cannot start from a shared cache.
             reuse = config.reuse_prefix and not (heads and config.mask_mode == "mean")
