@@ -17,7 +17,7 @@ from selective_attention.cache.checkpoint import (
     headwise_request,
     kept_fraction,
 )
-from selective_attention.recipes.hub import build_model_card
+from selective_attention.gqa.hub import build_model_card
 from selective_attention.modeling import cache_kwargs
 from selective_attention.gqa.convert import convert_model
 

@@ -11,7 +11,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from selective_attention import cli
-from selective_attention.recipes import hub
+from selective_attention.gqa import hub
 
 from .conftest import build_tiny, tiny_llama_config
 

@@ -9,6 +9,10 @@ import types
 import typing
 from pathlib import Path
 
+from selective_attention.distributed.placement import check_placement, parse_device_map, parse_max_memory
+from selective_attention.distributed.sharding import place
+from selective_attention.loading.loader import resolve_dtype
+
 
 def add_output_argument(parser: argparse.ArgumentParser, help: str, default=None, type=Path) -> None:
     """`--output`, the one spelling of "where results go" in every command; `--out` and `--output-dir` stay as
@@ -40,8 +44,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, placement: bool = False
 def model_kwargs(args: argparse.Namespace, shard=None) -> dict:
     """Keyword arguments of `selective_attention.loading.loader.load_model` from the model arguments; checked before any
     loading. `shard` (a `selective_attention.distributed.sharding.Shard`) gives each process of a sharded run its own GPU(s)."""
-    from selective_attention.distributed.placement import check_placement, parse_device_map, parse_max_memory
-    from selective_attention.loading.loader import resolve_dtype
 
     resolve_dtype(args.dtype)
     device_map = parse_device_map(getattr(args, "device_map", None))
@@ -50,8 +52,6 @@ def model_kwargs(args: argparse.Namespace, shard=None) -> dict:
     check_placement(args.device, device_map, max_memory, offload_folder)
     placed = {"device": args.device, "device_map": device_map, "max_memory": max_memory}
     if shard is not None:
-        from selective_attention.distributed.sharding import place
-
         placed = place(shard, **placed)
     return dict(model=args.model, dtype=args.dtype, attn_implementation=args.attn, offload_folder=offload_folder,
                 quantize=getattr(args, "quantize", None), **placed)

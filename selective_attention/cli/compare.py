@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from selective_attention.heads.compare import compare_head_scores, write_comparison
+from selective_attention.plots import plot_score_comparison
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("compare", help="compare two head-score files (e.g. en-en vs en-zh detection)")
@@ -19,9 +22,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selective_attention.heads.compare import compare_head_scores, write_comparison
-    from selective_attention.plots import plot_score_comparison
-
     labels = None
     if args.labels:
         labels = tuple(part.strip() for part in args.labels.split(","))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from selective_attention.cache.headwise import parse_full
 from selective_attention.cli.arguments import add_output_argument
+from selective_attention.gqa.convert import convert_model
 from selective_attention.loading.loader import resolve_dtype
 
 
@@ -33,7 +35,6 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from selective_attention.gqa.convert import convert_model
 
     texts = None
     if args.calibration_file:
@@ -43,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
         texts = [Path(name).read_text(encoding="utf-8") for name in args.calibration_file]
     headwise = None
     if args.headwise_full is not None:
-        from selective_attention.cache.headwise import parse_full
-
         headwise = dict(scores=args.head_scores, full=parse_full(args.headwise_full), sink=args.sink,
                         window=args.window)
     _, report = convert_model(args.model, args.kv_heads, args.method, texts, out_dir=args.output,

@@ -16,8 +16,19 @@ import argparse
 import logging
 import time
 
+from selective_attention.cache import attach_headwise, headwise_policy, kv_budget
+from selective_attention.cache.headwise import parse_full, trial_cache
 from selective_attention.cli.arguments import add_model_arguments
 from selective_attention.cli.needle import add_kv_cache_arguments
+from selective_attention.heads.masking import mask_heads
+from selective_attention.heads.scores import model_head_scores
+from selective_attention.heads.selection import select_heads
+from selective_attention.loading.loader import load_model
+from selective_attention.modeling import text_config
+from selective_attention.retrieval.generate import greedy_decode, stop_token_ids
+from selective_attention.retrieval.haystack import Haystack, build_prompt, check_length, prompt_template
+from selective_attention.retrieval.languages import get_language
+from selective_attention.retrieval.needles import resolve_needles
 
 logger = logging.getLogger(__name__)
 
@@ -51,17 +62,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selective_attention.cache.headwise import trial_cache
-    from selective_attention.heads.masking import mask_heads
-    from selective_attention.heads.scores import model_head_scores
-    from selective_attention.heads.selection import select_heads
-    from selective_attention.loading.loader import load_model
-    from selective_attention.modeling import text_config
-    from selective_attention.retrieval.generate import greedy_decode, stop_token_ids
-    from selective_attention.retrieval.haystack import Haystack, build_prompt, check_length, prompt_template
-    from selective_attention.retrieval.languages import get_language
-    from selective_attention.retrieval.needles import resolve_needles
-
     if args.num_heads is not None and args.num_heads < 1:
         raise ValueError(f"--num-heads {args.num_heads}: must be at least 1")
     started = time.perf_counter()
@@ -122,8 +122,6 @@ def headwise_demo_policy(args: argparse.Namespace, model, scores, prompt_tokens:
     """With --kv-cache headwise: the policy every answer of the demo decodes under (the model switched to it)."""
     if args.kv_cache != "headwise":
         return None
-    from selective_attention.cache import attach_headwise, headwise_policy, kv_budget
-    from selective_attention.cache.headwise import parse_full
 
     policy = headwise_policy(model, scores, full=parse_full(args.full_kv_heads), sink=args.sink, window=args.window,
                              method=args.kv_select, seed=args.seed)

@@ -10,6 +10,16 @@ import logging
 from pathlib import Path
 
 from selective_attention.cli.arguments import add_model_arguments, model_kwargs
+from selective_attention.distributed.sharding import current_shard
+from selective_attention.heads.duo import duo_pattern, write_duo_pattern
+from selective_attention.heads.selection import rank_heads
+from selective_attention.loading import assets
+from selective_attention.loading.loader import load_model
+from selective_attention.loading.quantization import add_quantize_argument
+from selective_attention.plots import plot_head_scores
+from selective_attention.retrieval.detect import DetectConfig, detect
+from selective_attention.retrieval.languages import add_language_arguments, get_language
+from selective_attention.retrieval.tracking import add_tracking_arguments, check_backend, tracker_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +54,6 @@ def add_grid_arguments(parser: argparse.ArgumentParser, lengths: str, depths: st
                         help="folder of .txt files, a text file or dataset:NAME[:SPLIT[:COLUMN]] (default: PG essays)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--no-chat", action="store_true", help="plain prompt even if the tokenizer has a chat template")
-    from selective_attention.loading.quantization import add_quantize_argument
-    from selective_attention.retrieval.languages import add_language_arguments
-    from selective_attention.retrieval.tracking import add_tracking_arguments
 
     add_language_arguments(parser)
     add_quantize_argument(parser)
@@ -79,14 +86,6 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selective_attention.distributed.sharding import current_shard
-    from selective_attention.heads.selection import rank_heads
-    from selective_attention.loading import assets
-    from selective_attention.loading.loader import load_model
-    from selective_attention.retrieval.detect import DetectConfig, detect
-    from selective_attention.retrieval.languages import get_language
-    from selective_attention.retrieval.tracking import tracker_from_args
-
     config = DetectConfig(lengths=args.lengths, depths=args.depths,
                           needles=get_language(args.language).resolve_needles(args.needles),
                           method=args.method, max_new_tokens=args.max_new_tokens, save_inputs=args.save_inputs,
@@ -94,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
                           reuse_prefix=not args.no_prefix_reuse, language=args.language,
                           haystack_language=args.haystack_language, decode_batch=args.decode_batch,
                           rouge_threshold=args.rouge_threshold)
-    from selective_attention.retrieval.tracking import check_backend
 
     check_backend(args.report_to)
     shard = current_shard()
@@ -106,8 +104,6 @@ def run(args: argparse.Namespace) -> int:
         result = detect(model, tokenizer, config, args.output, model_name=args.model or assets.MODEL_NAME,
                         tracker=tracker, shard=shard)
         if args.report_to != "none":
-            from selective_attention.plots import plot_head_scores
-
             meta = result.meta
             image = plot_head_scores(result.scores, Path(args.output).with_suffix(".png"),
                                      title=f"retrieval scores, {meta['model']} ({config.language} needle, "
@@ -120,8 +116,6 @@ def run(args: argparse.Namespace) -> int:
     for (layer, head), score in rank_heads(result.scores)[: args.top]:
         print(f"  {layer}-{head}: {score:.3f}")
     if args.export_duo:
-        from selective_attention.heads.duo import duo_pattern, write_duo_pattern
-
         meta = result.meta
         pattern = duo_pattern(result.scores, meta["num_layers"], meta["num_heads"], meta["num_key_value_heads"],
                               args.duo_top)

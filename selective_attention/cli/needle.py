@@ -9,6 +9,14 @@ from pathlib import Path
 
 from selective_attention.cli.arguments import add_model_arguments, add_output_argument, model_kwargs
 from selective_attention.cli.detect import add_grid_arguments
+from selective_attention.distributed.sharding import current_shard
+from selective_attention.heads.scores import EMBEDDED_MODEL_SCORES
+from selective_attention.loading import assets
+from selective_attention.loading.loader import load_model
+from selective_attention.plots import plot_niah
+from selective_attention.retrieval.evaluate import NeedleConfig, load_manifest, run_needle_grid
+from selective_attention.retrieval.languages import get_language
+from selective_attention.retrieval.tracking import check_backend, tracker_from_args
 
 
 def add_parser(subparsers) -> None:
@@ -49,19 +57,11 @@ def kv_head_scores_path(args: argparse.Namespace) -> str | None:
         return args.head_scores
     from importlib import resources
 
-    from selective_attention.heads.scores import EMBEDDED_MODEL_SCORES
 
     return str(resources.files("selective_attention").joinpath(EMBEDDED_MODEL_SCORES))
 
 
 def run(args: argparse.Namespace) -> int:
-    from selective_attention.distributed.sharding import current_shard
-    from selective_attention.loading import assets
-    from selective_attention.loading.loader import load_model
-    from selective_attention.retrieval.evaluate import NeedleConfig, run_needle_grid
-    from selective_attention.retrieval.languages import get_language
-    from selective_attention.retrieval.tracking import tracker_from_args
-
     config = NeedleConfig(lengths=args.lengths, depths=args.depths,
                           needles=get_language(args.language).resolve_needles(args.needles),
                           mask=args.mask, seed=args.seed, mask_mode=args.mask_mode,
@@ -73,7 +73,6 @@ def run(args: argparse.Namespace) -> int:
                           sink=args.sink, window=args.window, prefill_chunk=args.prefill_chunk)
     if args.head_scores and not Path(args.head_scores).exists():
         raise FileNotFoundError(f"head-score file {args.head_scores} does not exist")
-    from selective_attention.retrieval.tracking import check_backend
 
     check_backend(args.report_to)
     shard = current_shard()
@@ -87,8 +86,6 @@ def run(args: argparse.Namespace) -> int:
                                   model_name=args.model or assets.MODEL_NAME, label=args.label, tracker=tracker,
                                   shard=shard)
         if args.report_to != "none" and results:
-            from selective_attention.plots import plot_niah
-            from selective_attention.retrieval.evaluate import load_manifest
 
             label = load_manifest(args.output).get("label") or args.label or "needle"
             tracker.log_image("niah", plot_niah([(label, results)], Path(args.output) / "niah.png"))

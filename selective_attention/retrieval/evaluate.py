@@ -43,6 +43,7 @@ from selective_attention.retrieval.haystack import (
 )
 from selective_attention.retrieval.languages import get_language
 from selective_attention.retrieval.needles import Needle
+from selective_attention.retrieval.tracking import log_trial
 
 logger = logging.getLogger(__name__)
 
@@ -221,8 +222,6 @@ def run_needle_grid(model, tokenizer, config: NeedleConfig, output_dir: str | Pa
                 logger.info("len %d depth %g: %.0f %r", result["context_length"], result["depth_percent"], score,
                             response[:80])
                 if tracker is not None:
-                    from selective_attention.retrieval.tracking import log_trial
-
                     log_trial(tracker, result, step=done, prefix="needle")
                     done += 1
         finally:

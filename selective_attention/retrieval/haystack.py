@@ -13,6 +13,7 @@ import bisect
 import logging
 from dataclasses import dataclass
 
+from selective_attention.modeling import text_config
 from selective_attention.retrieval.languages import Language, get_language
 from selective_attention.retrieval.needles import Needle
 
@@ -159,8 +160,6 @@ def build_prompt(haystack: Haystack, template: PromptTemplate, needle: Needle, c
 
 def max_context(model) -> int | None:
     """The model's maximum number of positions, if the config says."""
-    from selective_attention.modeling import text_config
-
     return getattr(text_config(model), "max_position_embeddings", None)
 
 

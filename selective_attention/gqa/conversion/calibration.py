@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from selective_attention.loading import assets
+
 
 def default_calibration_texts() -> list[str]:
     """The first haystack essays (Paul Graham), enough for a few hundred tokens."""
-    from selective_attention.loading import assets
-
     essays = sorted(assets.haystack_dir().glob("*.txt"))
     return [path.read_text(encoding="utf-8") for path in essays[:2]]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from selective_attention.loading import assets
 from selective_attention.modeling import gguf_dequantize_kwargs
 
 logger = logging.getLogger(__name__)
@@ -70,8 +71,6 @@ def load_source(model_or_path, dtype: torch.dtype = torch.float32):
         check_model_type(model_or_path.config, type(model_or_path).__name__)
         return model_or_path, None, str(getattr(model_or_path, "name_or_path", "") or type(model_or_path).__name__)
     if model_or_path is None:
-        from selective_attention.loading import assets
-
         model_or_path = assets.model_dir()
     name = str(model_or_path)
     kwargs: dict = {}

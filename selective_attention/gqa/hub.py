@@ -17,6 +17,8 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from selective_attention.cache.checkpoint import kept_fraction
+
 logger = logging.getLogger(__name__)
 
 #: Files pushed from a checkpoint directory (top level only): config, weights, custom code, tokenizer, results.
@@ -97,8 +99,6 @@ def describe_variant(config: dict) -> list[str]:
             lines.append("- reconstruction error: 0 in every layer (exact conversion)")
     headwise = text.get("sa_headwise")
     if headwise:
-        from selective_attention.cache.checkpoint import kept_fraction
-
         heads = [v for row in headwise["pattern"] for v in row]
         length = text.get("max_position_embeddings") or 8192
         lines.append(f"- head-wise KV cache: {sum(heads)}/{len(heads)} KV heads keep every position, the others the "
