@@ -217,7 +217,7 @@ def main() -> None:
     parser.add_argument("--method", default="probe", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from selective_attention.cli.detect import parse_numbers
+    from selective_attention.retrieval.config import parse_numbers
 
     args.raw_lengths, args.raw_depths = args.lengths, args.depths
     args.lengths, args.depths = parse_numbers(args.lengths, int), parse_numbers(args.depths)

@@ -67,25 +67,41 @@ def _flag_type(hint) -> tuple[type, bool]:
     return hint, False
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = ()) -> None:
-    """One flag per field of a config dataclass: `--dense-layers` for `dense_layers`, the field's default, and its
-    `metadata` "help", "choices" and hidden "aliases" (old spellings); lists take one or more values."""
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type, skip: tuple[str, ...] = (),
+                         only: tuple[str, ...] | None = None) -> None:
+    """One flag per field of a config dataclass (all, or `only` these, less `skip`): `--dense-layers` for
+    `dense_layers`, with the field's default and type (lists take one or more values). A field's `metadata` may add
+    "help" (text, or a function called now), "choices", hidden "aliases" (old spellings), "type" (a parser of the
+    flag's text, e.g. "0:100:25" -> a list), "cli_default" (text given to that parser where the field has no
+    default), and "flag" + "const" (a switch storing `const`, e.g. `--no-chat` -> chat=False)."""
     hints = typing.get_type_hints(config_class)
     for spec in dataclasses.fields(config_class):
-        if spec.name in skip:
+        if spec.name in skip or (only is not None and spec.name not in only):
             continue
+        meta = spec.metadata
         kind, many = _flag_type(hints[spec.name])
-        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-        choices = spec.metadata.get("choices")
-        help = spec.metadata.get("help")
-        options = dict(dest=spec.name, type=kind, nargs="+" if many else None, choices=choices)
-        if choices and len(", ".join(map(str, choices))) > 30:  # a long list reads better in the help than in usage
-            options["metavar"] = spec.name.upper()
-            help = f"{help} (choices: %(choices)s)"
-        if kind is bool:
-            options = dict(dest=spec.name, action=argparse.BooleanOptionalAction)
-        parser.add_argument("--" + spec.name.replace("_", "-"), default=default, help=help, **options)
-        for alias in spec.metadata.get("aliases", ()):
+        if spec.default_factory is not dataclasses.MISSING:
+            default = spec.default_factory()
+        elif spec.default is not dataclasses.MISSING:
+            default = spec.default
+        else:
+            default = meta["type"](meta["cli_default"]) if "cli_default" in meta else None
+        help = meta.get("help")
+        help = help() if callable(help) else help
+        flag = meta.get("flag", "--" + spec.name.replace("_", "-"))
+        if "const" in meta:
+            options = dict(dest=spec.name, action="store_const", const=meta["const"])
+        elif kind is bool:
+            options = dict(dest=spec.name, action="store_true")
+        elif "type" in meta:
+            options = dict(dest=spec.name, type=meta["type"])
+        else:
+            options = dict(dest=spec.name, type=kind, nargs="+" if many else None, choices=meta.get("choices"))
+            if options["choices"] and len(", ".join(map(str, options["choices"]))) > 30:
+                options["metavar"] = spec.name.upper()  # a long list reads better in the help than in the usage
+                help = f"{help} (choices: %(choices)s)"
+        parser.add_argument(flag, default=default, help=help, **options)
+        for alias in meta.get("aliases", ()):
             parser.add_argument(alias, help=argparse.SUPPRESS, **options)
 
 

@@ -18,13 +18,13 @@ import time
 
 from selective_attention.cache import attach_headwise, headwise_policy, kv_budget
 from selective_attention.cache.headwise import parse_full, trial_cache
-from selective_attention.cli.arguments import add_model_arguments
-from selective_attention.cli.needle import add_kv_cache_arguments
+from selective_attention.cli.arguments import add_config_arguments, add_model_arguments
 from selective_attention.heads.masking import mask_heads
 from selective_attention.heads.scores import model_head_scores
 from selective_attention.heads.selection import select_heads
 from selective_attention.loading.loader import load_model
 from selective_attention.modeling import text_config
+from selective_attention.retrieval.config import KV_CACHE_FIELDS, NeedleConfig
 from selective_attention.retrieval.generate import greedy_decode, stop_token_ids
 from selective_attention.retrieval.haystack import Haystack, build_prompt, check_length, prompt_template
 from selective_attention.retrieval.languages import get_language
@@ -57,7 +57,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--mode", dest="mask_mode", choices=["zero", "uniform", "mean"], help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=40)
-    add_kv_cache_arguments(parser)
+    add_config_arguments(parser, NeedleConfig, only=KV_CACHE_FIELDS)
     parser.set_defaults(func=run)
 
 

@@ -9,7 +9,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from selective_attention.cli.arguments import add_model_arguments, model_kwargs
+from selective_attention.cli.arguments import add_config_arguments, add_model_arguments, config_from_args, model_kwargs
 from selective_attention.distributed.sharding import current_shard
 from selective_attention.heads.duo import duo_pattern, write_duo_pattern
 from selective_attention.heads.selection import rank_heads
@@ -17,63 +17,22 @@ from selective_attention.loading import assets
 from selective_attention.loading.loader import load_model
 from selective_attention.loading.quantization import add_quantize_argument
 from selective_attention.plots import plot_head_scores
-from selective_attention.retrieval.detect import DetectConfig, detect
-from selective_attention.retrieval.languages import add_language_arguments, get_language
+from selective_attention.retrieval.config import DetectConfig
+from selective_attention.retrieval.detect import detect
+from selective_attention.retrieval.languages import get_language
 from selective_attention.retrieval.tracking import add_tracking_arguments, check_backend, tracker_from_args
 
 logger = logging.getLogger(__name__)
 
 
-def parse_numbers(text: str, kind=float) -> list:
-    """"400,800" -> [400, 800]; "0:100:25" -> 0, 25, ..., 100 (inclusive)."""
-    try:
-        if ":" in text:
-            start, stop, step = (kind(part) for part in text.split(":"))
-            if step <= 0:
-                raise ValueError
-            values, value = [], start
-            while value <= stop + 1e-9:
-                values.append(kind(value))
-                value += step
-            return values
-        return [kind(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"malformed list {text!r}: expected '1,2,3' or 'start:stop:step'") from None
-
-
-def add_grid_arguments(parser: argparse.ArgumentParser, lengths: str, depths: str) -> None:
-    """--lengths/--depths/--needles/--haystack/--max-new-tokens/--no-chat, shared by detect and needle."""
-    parser.add_argument("--lengths", type=lambda t: parse_numbers(t, int), default=parse_numbers(lengths, int),
-                        help=f"context lengths in tokens, '500,1000' or 'start:stop:step' (default {lengths})")
-    parser.add_argument("--depths", type=parse_numbers, default=parse_numbers(depths),
-                        help=f"needle depths in percent (default {depths})")
-    parser.add_argument("--needles", default=None,
-                        help="built-in needle names ('sf,violin'), 'all', or a JSONL file of needle/question/answer "
-                             "(default: the language's first needle, 'sf' in English)")
-    parser.add_argument("--haystack", default=None,
-                        help="folder of .txt files, a text file or dataset:NAME[:SPLIT[:COLUMN]] (default: PG essays)")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--no-chat", action="store_true", help="plain prompt even if the tokenizer has a chat template")
-
-    add_language_arguments(parser)
-    add_quantize_argument(parser)
-    add_tracking_arguments(parser)
-
-
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("detect", help="score retrieval heads on a needle-in-a-haystack grid")
     add_model_arguments(parser, placement=True)
-    add_grid_arguments(parser, lengths="1000,2000", depths="0:100:25")
+    add_config_arguments(parser, DetectConfig)
+    add_quantize_argument(parser)
+    add_tracking_arguments(parser)
     parser.add_argument("--output", type=Path, default=Path("head_scores.json"),
                         help="head-score file; an existing one is resumed/merged (sidecar: *.meta.json)")
-    parser.add_argument("--method", default="probe", choices=["probe", "reference"],
-                        help="probe: SDPA + argmax probe (fast); reference: eager decode with output_attentions")
-    parser.add_argument("--no-prefix-reuse", action="store_true", help="prefill every trial from scratch")
-    parser.add_argument("--decode-batch", type=int, default=8,
-                        help="probe: decode up to this many trials of one prompt length together (1: one at a time)")
-    parser.add_argument("--rouge-threshold", type=float, default=0.5,
-                        help="a trial counts when its answer's ROUGE-1 recall of the needle exceeds this (0.5)")
-    parser.add_argument("--save-inputs", action="store_true", help="store each trial's prompt token ids in the sidecar")
     parser.add_argument("--top", type=int, default=10, help="print this many top heads at the end")
     parser.add_argument("--export-duo", type=Path, default=None,
                         help="also write the top heads (--duo-top) as a DuoAttention pattern directory "
@@ -86,14 +45,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = DetectConfig(lengths=args.lengths, depths=args.depths,
-                          needles=get_language(args.language).resolve_needles(args.needles),
-                          method=args.method, max_new_tokens=args.max_new_tokens, save_inputs=args.save_inputs,
-                          haystack=args.haystack, chat=False if args.no_chat else None,
-                          reuse_prefix=not args.no_prefix_reuse, language=args.language,
-                          haystack_language=args.haystack_language, decode_batch=args.decode_batch,
-                          rouge_threshold=args.rouge_threshold)
-
+    config = config_from_args(DetectConfig, args, needles=get_language(args.language).resolve_needles(args.needles))
     check_backend(args.report_to)
     shard = current_shard()
     model, tokenizer = load_model(**model_kwargs(args, shard))

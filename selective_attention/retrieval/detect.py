@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,12 +35,12 @@ from selective_attention.heads.scores import load_sidecar
 from selective_attention.loading.quantization import describe_model
 from selective_attention.modeling import text_config
 from selective_attention.retrieval.batched import batch_groups, decode_batch
+from selective_attention.retrieval.config import METHODS, DetectConfig  # noqa: F401 (public here too)
 from selective_attention.retrieval.generate import SharedPrefix, reference_decode, stop_token_ids
 from selective_attention.retrieval.haystack import (
     Haystack,
     NeedlePrompt,
     build_prompt,
-    check_grid,
     check_length,
     prompt_template,
 )
@@ -51,44 +51,7 @@ from selective_attention.retrieval.trial_store import assemble, existing_records
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("probe", "reference")
 FORMAT_VERSION = 1
-
-
-@dataclass
-class DetectConfig:
-    """A detection grid and how to run it. `rouge_threshold` is the counting criterion (0.5 in the reference;
-    tests on random models lower it to count every trial)."""
-
-    lengths: list[int]
-    depths: list[float]
-    needles: list[Needle]
-    method: str = "probe"
-    max_new_tokens: int = 48
-    rouge_threshold: float = 0.5
-    save_inputs: bool = False
-    haystack: str | None = None
-    chat: bool | None = None
-    reuse_prefix: bool = True
-    language: str = "en"  # needle, question and ROUGE language
-    haystack_language: str | None = None  # None: same as `language`; another one: cross-lingual retrieval
-    decode_batch: int = 8  # probe: trials of one prompt length decoded together (1: one at a time)
-
-    def __post_init__(self) -> None:
-        self.language = get_language(self.language).code
-        self.haystack_language = get_language(self.haystack_language or self.language).code
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.decode_batch < 1:
-            raise ValueError(f"decode_batch must be at least 1, got {self.decode_batch}")
-        self.lengths, self.depths = check_grid(self.lengths, self.depths, self.needles)
-
-    def settings(self) -> dict:
-        data = asdict(self)
-        data["needles"] = [n.to_dict() for n in self.needles]
-        return data
 
 
 def trial_key(length: int, depth: float, needle: Needle) -> str:

@@ -15,15 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from selective_attention.attention.masked import MASK_MODES
 from selective_attention.cache.headwise import attach_headwise, parse_full, trial_cache
-from selective_attention.cache.selection import SELECTION_METHODS, headwise_policy
+from selective_attention.cache.selection import headwise_policy
 from selective_attention.distributed.sharding import Shard, current_shard
 from selective_attention.heads.ids import Head, head_key, validate_heads
 from selective_attention.heads.masking import mask_heads
@@ -31,13 +30,13 @@ from selective_attention.heads.scores import check_head_scores, load_head_scores
 from selective_attention.heads.selection import select_heads
 from selective_attention.loading.quantization import describe_model
 from selective_attention.modeling import text_config
+from selective_attention.retrieval.config import KV_CACHES, SCORE_TARGETS, NeedleConfig  # noqa: F401 (public here too)
 from selective_attention.retrieval.detect import reuse_order
 from selective_attention.retrieval.generate import SharedPrefix, greedy_decode, stop_token_ids
 from selective_attention.retrieval.haystack import (
     Haystack,
     NeedlePrompt,
     build_prompt,
-    check_grid,
     check_length,
     prompt_template,
 )
@@ -47,46 +46,7 @@ from selective_attention.retrieval.tracking import log_trial
 
 logger = logging.getLogger(__name__)
 
-SCORE_TARGETS = ("needle", "answer")
 MANIFEST = "run.json"
-KV_CACHES = ("dynamic", "headwise")
-
-
-@dataclass
-class NeedleConfig:
-    lengths: list[int]
-    depths: list[float]
-    needles: list[Needle]
-    mask: str | None = None  # top:K | bottom:K | random:K | L-H,L-H
-    seed: int = 0
-    mask_mode: str = "zero"
-    head_scores: str | None = None
-    max_new_tokens: int = 48
-    haystack: str | None = None
-    chat: bool | None = None
-    score_against: str = "needle"
-    reuse_prefix: bool = True
-    language: str = "en"  # needle, question and ROUGE language
-    haystack_language: str | None = None  # None: same as `language`
-    kv_cache: str = "dynamic"  # dynamic | headwise
-    full_kv_heads: str = "0.25"  # head-wise: count ("23") or fraction ("0.25") of KV heads kept full
-    kv_select: str = "top"  # head-wise: top retrieval KV heads (head_scores) | random (seeded with `seed`)
-    sink: int = 64
-    window: int = 256
-    prefill_chunk: int | None = None  # head-wise: prefill in chunks of this many tokens
-
-    def __post_init__(self) -> None:
-        if self.kv_cache not in KV_CACHES:
-            raise ValueError(f"unknown kv_cache {self.kv_cache!r}; expected one of {KV_CACHES}")
-        if self.kv_select not in SELECTION_METHODS:
-            raise ValueError(f"unknown kv_select {self.kv_select!r}; expected one of {SELECTION_METHODS}")
-        self.language = get_language(self.language).code
-        self.haystack_language = get_language(self.haystack_language or self.language).code
-        if self.mask_mode not in MASK_MODES:
-            raise ValueError(f"unknown mask mode {self.mask_mode!r}; expected one of {', '.join(MASK_MODES)}")
-        if self.score_against not in SCORE_TARGETS:
-            raise ValueError(f"score_against must be one of {SCORE_TARGETS}, got {self.score_against!r}")
-        self.lengths, self.depths = check_grid(self.lengths, self.depths, self.needles)
 
 
 def resolve_mask(spec: str | None, num_layers: int, num_heads: int, head_scores: str | Path | None = None,

@@ -286,12 +286,3 @@ register_language(Language(
                              "inkl", "evtl", "ggf", "bspw"}),
     ordinal_dot=True,
 ))
-
-
-def add_language_arguments(parser) -> None:
-    """`--language` and `--haystack-language` for a CLI command."""
-    parser.add_argument("--language", default="en",
-                        help=f"needle, question and ROUGE language ({', '.join(supported_languages())}; default en)")
-    parser.add_argument("--haystack-language", default=None,
-                        help="haystack language when it differs from --language (cross-lingual retrieval); its "
-                             "built-in haystack is used unless --haystack names one")
