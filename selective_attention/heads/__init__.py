@@ -18,6 +18,7 @@ from selective_attention.heads.scores import (
     SHIPPED_SCORES,
     HeadScores,
     check_head_scores,
+    load_checked_head_scores,
     load_head_scores,
     load_sidecar,
     mean_scores,
@@ -29,6 +30,7 @@ from selective_attention.heads.selection import rank_heads, select_heads
 
 __all__ = [
     "EMBEDDED_MODEL_SCORES", "SHIPPED_SCORES", "Head", "HeadScores", "HeadSpec", "check_head_scores",
-    "group_by_layer", "head_key", "load_head_scores", "load_sidecar", "mean_scores", "model_head_scores",
-    "parse_head", "parse_heads", "rank_heads", "save_head_scores", "select_heads", "sidecar_path", "validate_heads",
+    "group_by_layer", "head_key", "load_checked_head_scores", "load_head_scores", "load_sidecar", "mean_scores",
+    "model_head_scores", "parse_head", "parse_heads", "rank_heads", "save_head_scores", "select_heads",
+    "sidecar_path", "validate_heads",
 ]

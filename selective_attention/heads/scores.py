@@ -68,6 +68,13 @@ def check_head_scores(scores: HeadScores, num_layers: int, num_heads: int, meta:
         raise ValueError(f"{source} does not fit this model ({num_layers} layers x {num_heads} heads): {error}") from None
 
 
+def load_checked_head_scores(path: str | Path, num_layers: int, num_heads: int) -> HeadScores:
+    """A head-score file (and its sidecar) checked against a model with `num_layers` x `num_heads` query heads."""
+    scores = load_head_scores(path)
+    check_head_scores(scores, num_layers, num_heads, load_sidecar(path), source=str(path))
+    return scores
+
+
 #: Head scores of the embedded SmolLM2 measured by `selective-attention detect` (see docs/retrieval.md).
 EMBEDDED_MODEL_SCORES = "data/smollm2_head_scores.json"
 #: Scores shipped per embedded model name (`--model`; None is the default SmolLM2): (package file, label).
@@ -81,9 +88,7 @@ def model_head_scores(path: str | Path | None, model: str | None, num_layers: in
     """Head scores for a model, checked against its shape: `path` when given, else (for an embedded model: `model`
     None or its name) the scores shipped with the package, else None. Returns the scores and where they came from."""
     if path:
-        scores = load_head_scores(path)
-        check_head_scores(scores, num_layers, num_heads, load_sidecar(path), source=str(path))
-        return scores, str(path)
+        return load_checked_head_scores(path, num_layers, num_heads), str(path)
     if model not in SHIPPED_SCORES:
         return None, None
     relative, label = SHIPPED_SCORES[model]

@@ -26,7 +26,7 @@ from selective_attention.cache.selection import headwise_policy
 from selective_attention.distributed.sharding import Shard, current_shard
 from selective_attention.heads.ids import Head, head_key, validate_heads
 from selective_attention.heads.masking import mask_heads
-from selective_attention.heads.scores import check_head_scores, load_head_scores, load_sidecar
+from selective_attention.heads.scores import load_checked_head_scores
 from selective_attention.heads.selection import select_heads
 from selective_attention.loading.quantization import describe_model
 from selective_attention.modeling import text_config
@@ -59,8 +59,7 @@ def resolve_mask(spec: str | None, num_layers: int, num_heads: int, head_scores:
     if kind in ("top", "bottom", "random"):
         if head_scores is None:
             raise ValueError(f"mask {spec!r} needs --head-scores FILE (from `selective-attention detect`)")
-        scores = load_head_scores(head_scores)
-        check_head_scores(scores, num_layers, num_heads, load_sidecar(head_scores), source=str(head_scores))
+        scores = load_checked_head_scores(head_scores, num_layers, num_heads)
     elif ":" in spec:
         raise ValueError(f"unknown mask spec {spec!r}: expected top:K, bottom:K, random:K or 'L-H,L-H'")
     heads = select_heads(scores, spec, seed=seed, num_layers=num_layers, num_heads=num_heads)
