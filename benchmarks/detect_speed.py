@@ -51,7 +51,7 @@ def _config(args, **overrides):
     from selective_attention.retrieval.needles import resolve_needles
 
     settings = dict(lengths=args.lengths, depths=args.depths, needles=resolve_needles(args.needles),
-                    max_new_tokens=args.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens, chat=None if args.chat is None else args.chat == "on")
     return DetectConfig(**{**settings, **overrides})
 
 
@@ -165,6 +165,7 @@ def _run_worker(args, worker: str, *extra: str) -> dict:
                "--repeats", str(args.repeats), *extra]
     command += ["--model", args.model] if args.model else []
     command += ["--device", args.device] if args.device else []
+    command += ["--chat", args.chat] if args.chat else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"{worker} {' '.join(extra)} failed:\n{done.stderr[-3000:]}")
@@ -213,6 +214,8 @@ def main() -> None:
     parser.add_argument("--shard-lengths", default="1000", help="shard: context lengths of the sharded grid")
     parser.add_argument("--shard-processes", type=int, default=2)
     parser.add_argument("--sections", default="speed,memory,shard")
+    parser.add_argument("--output", default="detect_speed", help="result file stem under benchmarks/results/")
+    parser.add_argument("--chat", default=None, choices=("on", "off"), help="chat template (default: the model's)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--method", default="probe", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
@@ -225,7 +228,7 @@ def main() -> None:
         workers = {"speed": speed_worker, "reference": reference_worker, "memory": memory_worker}
         print(json.dumps(workers[args.worker](args)))
         return
-    report = _load_previous()
+    report = _load_previous(args.output)
     report.update(model=args.model or "SmolLM2-135M-Instruct (embedded)", threads=args.threads or "default",
                   machine=f"{platform.machine()}, {os.cpu_count()} cores",
                   max_new_tokens=args.max_new_tokens)
@@ -250,17 +253,17 @@ def main() -> None:
     report.setdefault("commands", {}).update({s: "python benchmarks/detect_speed.py " + " ".join(sys.argv[1:])
                                               for s in sections})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "detect_speed.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / f"{args.output}.json").write_text(json.dumps(report, indent=2) + "\n")
     from detect_speed_report import markdown
 
     text = markdown(report)
-    (RESULTS / "detect_speed.md").write_text(text)
+    (RESULTS / f"{args.output}.md").write_text(text)
     print(text)
 
 
-def _load_previous() -> dict:
+def _load_previous(output: str) -> dict:
     """Sections not rerun keep their last numbers (each section names its own command)."""
-    path = RESULTS / "detect_speed.json"
+    path = RESULTS / f"{output}.json"
     previous = json.loads(path.read_text()) if path.exists() else {}
     return previous if "speed" in previous or "memory" in previous else {}
 

@@ -23,7 +23,7 @@ def markdown(report: dict) -> str:
                   "The floor is the grid's forward passes with no probe: the shared prefix once, each trial's "
                   "unshared suffix once, its greedy answer at SDPA decode speed (one trial at a time, as specified; "
                   "the batched floor decodes trials of one prompt length together, as the shipped probe does).", "",
-                  "CPU seconds (the process's own, one torch thread) are the steadier measure on a shared machine; "
+                  "CPU seconds (the process's own) are the steadier measure on a shared machine; "
                   "wall seconds include waiting for a core.", "",
                   "| method | CPU seconds | CPU ratio to floor | wall seconds | wall ratio to floor | identical answers "
                   "| identical scores |",

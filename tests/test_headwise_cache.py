@@ -269,3 +269,78 @@ def test_cache_needs_the_headwise_attention():
     cache.handle.remove()
     with pytest.raises(RuntimeError, match="needs the attention implementation 'sa_headwise_sdpa'"), torch.no_grad():
         model(input_ids=_ids(), **cache_kwargs(cache), use_cache=True)
+
+
+def test_score_keys_pick_the_kv_head_that_serves_the_query_head():
+    """From a score file's "layer-query_head" key to the heads that attend fully, checked against transformers'
+    own KV expansion (`repeat_kv`: query head h reads KV head h // groups), layer by layer."""
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    sink, window, length = 2, 4, 20
+    model = build_tiny(tiny_llama_config(num_attention_heads=6, num_key_value_heads=3, hidden_size=48))
+    scores = {"0-4": [0.9], "1-1": [0.8], "1-3": [0.1], "0-0": [0.0]}  # query heads 4 (layer 0) and 1 (layer 1)
+    inputs, outputs = {}, {}
+    hooks = []
+    for index, layer in enumerate(model.model.layers):
+        attention = layer.self_attn
+        hooks.append(attention.register_forward_pre_hook(
+            lambda m, a, kw, i=index: inputs.__setitem__(i, (kw["hidden_states"], kw["position_embeddings"])),
+            with_kwargs=True))
+        hooks.append(attention.o_proj.register_forward_pre_hook(lambda m, a, i=index: outputs.__setitem__(i, a[0])))
+    with headwise_cache(model, scores, full=2, sink=sink, window=window) as cache:
+        assert cache.policy.pattern == ((0, 0, 1), (1, 0, 0))  # 4 // 2 = KV head 2; 1 // 2 = KV head 0
+        prefill(model, cache, _ids(length=length))
+    for hook in hooks:
+        hook.remove()
+    positions = torch.arange(length)
+    for index, layer in enumerate(model.model.layers):
+        attention = layer.self_attn
+        hidden, (cos, sin) = inputs[index]
+        shape = (1, length, -1, attention.head_dim)
+        with torch.no_grad():
+            q, k = apply_rotary_pos_emb(attention.q_proj(hidden).view(shape).transpose(1, 2),
+                                        attention.k_proj(hidden).view(shape).transpose(1, 2), cos, sin)
+            v = attention.v_proj(hidden).view(shape).transpose(1, 2)
+        k, v = repeat_kv(k, 2), repeat_kv(v, 2)  # (1, 6 query heads, length, head_dim), transformers' order
+        produced = outputs[index].view(1, length, 6, attention.head_dim)
+        full_query_heads = {0: {4, 5}, 1: {0, 1}}[index]
+        for head in range(6):
+            for p in (length - 1, length - 5):
+                allowed = positions <= p
+                if head not in full_query_heads:
+                    allowed &= (positions < sink) | (p - positions <= window)
+                expected = _hand_attention(q[0, head, p], k[0, head], v[0, head], allowed, attention.scaling)
+                assert torch.allclose(produced[0, p, head], expected, atol=1e-5), (index, head, p)
+
+
+def test_dense_prefill_then_trim():
+    """`trial_cache(dense_prefill=True)`: the prompt but its last token runs through the dense model and the cache is
+    trimmed after it, so every kept key and value (in a deeper layer too, whose input depends on the layers below
+    attending densely) is the dense model's; a streaming prefill keeps other values."""
+    from selective_attention.cache import dense_attention
+    from selective_attention.cache.headwise import trial_cache
+
+    model = build_tiny(Qwen2Config(**TINY))
+    policy = HeadwisePolicy(MIXED, sink=2, window=6)
+    ids = _ids(length=30)[0].tolist()
+    with torch.no_grad():
+        dense = model(input_ids=torch.tensor([ids[:-1]]), use_cache=True).past_key_values
+    with headwise_cache(model, policy=policy) as handle_cache:
+        plans = [layer.self_attn.sa_headwise_plan for layer in model.model.layers]
+        with dense_attention(model):
+            assert all(layer.self_attn.sa_headwise_plan is None for layer in model.model.layers)
+        assert [layer.self_attn.sa_headwise_plan for layer in model.model.layers] == plans
+        cache, cached = trial_cache(model, policy, None, 0, ids, dense_prefill=True)
+        assert cached == len(ids) - 1 and handle_cache.get_seq_length() == 0
+        streamed, _ = trial_cache(model, policy, None, 0, ids)
+        prefill(model, streamed, torch.tensor([ids[:-1]]))
+    for index in range(2):  # MIXED: layer 0 streams KV head 1, layer 1 KV head 0
+        stream_head, full_head = (1, 0) if index == 0 else (0, 1)
+        layer, keys, values = cache.layers[index], dense.layers[index].keys, dense.layers[index].values
+        assert layer.stream_keys.shape[-2] == 2 + 6 and layer.keys.shape[-2] == len(ids) - 1
+        kept = torch.cat([torch.arange(2), torch.arange(len(ids) - 7, len(ids) - 1)])
+        for ours, theirs in ((layer.stream_keys, keys), (layer.stream_values, values)):
+            assert torch.allclose(ours[:, 0], theirs[:, stream_head, kept], atol=1e-5)
+        assert torch.allclose(layer.keys[:, 0], keys[:, full_head], atol=1e-5)
+        assert torch.allclose(layer.values[:, 0], values[:, full_head], atol=1e-5)
+    assert not torch.allclose(streamed.layers[1].stream_values, cache.layers[1].stream_values, atol=1e-4)

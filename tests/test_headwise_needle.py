@@ -82,3 +82,13 @@ def test_cli_needle_headwise(tmp_path, tiny, tokenizer):
         target = tmp_path / "bad"
         assert main(["needle", *grid, "--output", str(target), "--kv-cache", "headwise", *bad]) == 2
         assert not target.exists()
+
+
+def test_point_files_keep_the_reference_names(tmp_path):
+    """gkamradt/LLMTest_NeedleInAHaystack and Retrieval_Head name a point `..._len_{L}_depth_{int(depth*100)}`
+    with the depth in percent, so depth 100 is `depth_10000`: kept for byte-compatible folders."""
+    from selective_attention.retrieval.evaluate import point_path
+
+    needle = resolve_needles("sf")[0]
+    assert point_path(tmp_path, 2000, 100.0, needle).name == "len_2000_depth_10000_sf_results.json"
+    assert point_path(tmp_path, 2000, 25.0, needle).name == "len_2000_depth_2500_sf_results.json"

@@ -13,7 +13,7 @@ from selective_attention.tree_kernel import TreeKernelConfig, tree_attention
 BLOCK, BUDGET, FACTOR = 4, 12, 2.0
 
 
-def _brute_force(q, k, v, estimate: str):
+def _brute_force(q, k, v, estimate: str, rank: str = "bound"):
     """One decode row (q (D,), k/v (L, D), L a multiple of BLOCK), per-head selection, by explicit loops.
 
     Returns the output and the ids of the candidate blocks and kept keys."""
@@ -23,7 +23,10 @@ def _brute_force(q, k, v, estimate: str):
     bounds = []
     for b in range(n_blocks):
         keys = k[b * BLOCK:(b + 1) * BLOCK]
-        bounds.append(float(sum(max(q[i] * keys[:, i].max(), q[i] * keys[:, i].min()) for i in range(dim))))
+        if rank == "mean":
+            bounds.append(float(q @ keys.mean(0)))
+        else:
+            bounds.append(float(sum(max(q[i] * keys[:, i].max(), q[i] * keys[:, i].min()) for i in range(dim))))
     forced = {0, n_blocks - 1}  # one sink block, one local block
     width = math.ceil(BUDGET * FACTOR / BLOCK)
     others = sorted((b for b in range(n_blocks) if b not in forced), key=lambda b: -bounds[b])
@@ -48,16 +51,17 @@ def _brute_force(q, k, v, estimate: str):
     return numerator / denominator, candidates, kept
 
 
+@pytest.mark.parametrize("rank", ["bound", "mean"])
 @pytest.mark.parametrize("estimate", ["none", "mean"])
-def test_decode_row_equals_brute_force(estimate):
+def test_decode_row_equals_brute_force(estimate, rank):
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8)
     k[0, 0, 20:24] *= 3  # a block that a bound prefers
     config = TreeKernelConfig(method="rescore", budget=BUDGET, min_keys=1, leaf_block=BLOCK, candidates=FACTOR,
-                              estimate=estimate, sharing="per_head")
+                              estimate=estimate, sharing="per_head", rank=rank)
     out, _ = tree_attention(q, k, v, None, config)
     for head in range(2):
-        expected, _, _ = _brute_force(q[0, head, 0].double(), k[0, 0].double(), v[0, 0].double(), estimate)
+        expected, _, _ = _brute_force(q[0, head, 0].double(), k[0, 0].double(), v[0, 0].double(), estimate, rank)
         torch.testing.assert_close(out[0, 0, head].double(), expected, atol=1e-5, rtol=1e-5)
     assert config.stats.all.exact == pytest.approx(BUDGET)  # per row, averaged over the heads
     assert config.stats.all.rescored == pytest.approx(math.ceil(BUDGET * FACTOR / BLOCK) * BLOCK)
@@ -90,11 +94,12 @@ def test_decode_reads_only_candidate_keys_and_kept_values(estimate):
 @pytest.mark.parametrize("sharing", ["per_head", "kv_group"])
 @pytest.mark.parametrize("estimate", ["none", "mean"])
 @pytest.mark.parametrize("softcap", [None, 2.0])
-def test_decode_equals_prefill_rows_at_partial_budget(sharing, estimate, softcap):
+@pytest.mark.parametrize("rank", ["bound", "mean"])
+def test_decode_equals_prefill_rows_at_partial_budget(sharing, estimate, softcap, rank):
     torch.manual_seed(5)
     q, k, v = torch.randn(1, 4, 90, 16), torch.randn(1, 2, 90, 16), torch.randn(1, 2, 90, 16)
     config = TreeKernelConfig(method="rescore", fraction=0.25, leaf_block=4, estimate=estimate, min_keys=4,
-                              candidates=2, sharing=sharing)
+                              candidates=2, sharing=sharing, rank=rank)
     prefill, _ = tree_attention(q, k, v, None, config, softcap=softcap)
     holder = torch.nn.Module()
     for length in range(60, 91, 3):
@@ -146,3 +151,34 @@ def test_soft_capping_full_budget_equals_capped_attention_by_hand():
         config = TreeKernelConfig(method="rescore", fraction=1.0, leaf_block=4, min_keys=1, estimate=estimate)
         out, _ = tree_attention(q, k, v, None, config, softcap=5.0)
         torch.testing.assert_close(out.transpose(1, 2), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["topk", "bound", "rescore"])
+def test_row_chunks_see_only_their_causal_prefix_and_give_the_same_rows(method):
+    """Prefill chunks trim keys and blocks past their last row; the rows equal one chunk holding them all."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 6, 120, 16), torch.randn(1, 2, 120, 16), torch.randn(1, 2, 120, 16)
+    outs = [tree_attention(q, k, v, None, TreeKernelConfig(method=method, budget=24, leaf_block=8, row_chunk=chunk))[0]
+            for chunk in (120, 16)]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["bound", "rescore"])
+def test_mean_rank_full_budget_equals_dense_prefill_and_decode(method):
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 6, 70, 16), torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)
+    config = TreeKernelConfig(method=method, fraction=1.0, leaf_block=8, min_keys=1, rank="mean")
+    dense, _ = tree_attention(q, k, v, None, TreeKernelConfig(method="dense"))
+    torch.testing.assert_close(tree_attention(q, k, v, None, config)[0], dense, atol=1e-5, rtol=1e-5)
+    holder = torch.nn.Module()
+    for length in (40, 41, 56, 70):
+        step, _ = tree_attention(q[:, :, length - 1:length], k[:, :, :length], v[:, :, :length], None, config,
+                                 module=holder)
+        torch.testing.assert_close(step[:, 0], dense[:, length - 1], atol=1e-5, rtol=1e-5)
+
+
+def test_bad_rank():
+    with pytest.raises(ValueError, match="rank"):
+        TreeKernelConfig(method="rescore", rank="median")
+    with pytest.raises(ValueError, match="tree descent"):
+        TreeKernelConfig(method="bound", descent="tree", rank="mean")

@@ -5,6 +5,7 @@ from selective_attention.cache.headwise import (
     HeadwiseHandle,
     attach_headwise,
     cache_bytes,
+    dense_attention,
     headwise_cache,
     prefill,
 )
@@ -27,6 +28,7 @@ __all__ = [
     "HeadwisePolicy",
     "attach_headwise",
     "cache_bytes",
+    "dense_attention",
     "headwise_cache",
     "headwise_policy",
     "kv_budget",

@@ -169,11 +169,36 @@ def parse_full(text: str | int | float) -> int | float:
         raise ValueError(f"full KV heads must be a count (e.g. 23) or a fraction (e.g. 0.25), got {text!r}") from None
 
 
+def dense_attention(model: PreTrainedModel) -> Intervention:
+    """Every KV head attends to every position until the returned intervention is removed (use it as a `with`
+    block): the head-wise plans are detached from the attention modules and put back on exit, so a forward into a
+    `DynamicCache` is the dense model's. Used for a dense prefill whose cache is trimmed afterwards
+    (`trial_cache(dense_prefill=True)`)."""
+    return intervene(model, PLAN_ATTRIBUTE, lambda layer: None, name="dense_attention")
+
+
 def trial_cache(model: PreTrainedModel, policy: HeadwisePolicy, shared: DynamicCache | None, cached: int,
-                input_ids: list[int], prefill_chunk: int | None = None) -> tuple[HeadwiseCache, int]:
+                input_ids: list[int], prefill_chunk: int | None = None, dense_prefill: bool = False
+                ) -> tuple[HeadwiseCache, int]:
     """(cache, prompt tokens it holds) for one prompt: a shared-prefix `DynamicCache` (computed under the policy's
     plans) converted and trimmed, or an empty cache; with `prefill_chunk`, the prompt but its last token is
-    prefilled here in chunks, so the streaming heads never hold more than sink + window + chunk positions."""
+    prefilled here in chunks, so the streaming heads never hold more than sink + window + chunk positions.
+
+    `dense_prefill=True` (RazorAttention's order instead of DuoAttention's): the prompt but its last token runs
+    through the dense model (every head sees every position; `shared` must then be a dense prefix too), and the
+    cache is trimmed afterwards; only the last prompt token and the answer are computed under the policy. The
+    cache holds the same positions as with a streaming prefill, but the kept keys and values of the recent window
+    were computed with the whole context, and the prefill's peak memory is the dense one."""
+    if dense_prefill:
+        dense = shared if shared is not None else DynamicCache(config=model.config)
+        cached = 0 if shared is None else cached
+        if len(input_ids) - 1 > cached:
+            with dense_attention(model):
+                prefill(model, dense, torch.tensor([input_ids[cached:-1]], device=model.device), chunk=prefill_chunk)
+            cached = len(input_ids) - 1
+        if cached == 0:
+            return HeadwiseCache(policy, model.config), 0
+        return HeadwiseCache.from_dynamic(dense, policy, model.config), cached
     cache = HeadwiseCache(policy, model.config) if shared is None else HeadwiseCache.from_dynamic(shared, policy,
                                                                                                   model.config)
     cached = 0 if shared is None else cached

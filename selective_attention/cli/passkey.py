@@ -19,6 +19,7 @@ from selective_attention.io import write_json, write_text
 from selective_attention.loading.loader import load_model
 from selective_attention.plots.tree_kernel import plot_passkey
 from selective_attention.tree_kernel import TreeKernelConfig
+from selective_attention.tree_kernel.config import RANKS
 from selective_attention.tree_kernel.evaluation import approximated_layers
 from selective_attention.tree_kernel.passkey import accuracy, passkey_grid
 
@@ -38,6 +39,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dense-layers", default="0,1", help="layers kept exact, comma-separated, or 'none'")
     parser.add_argument("--leaf-block", type=int, default=16, help="bound, rescore: keys per block")
     parser.add_argument("--candidates", type=float, default=4.0, help="rescore: candidates as a multiple of budget")
+    parser.add_argument("--rank", default="bound", choices=RANKS,
+                        help="bound, rescore: block rank score (Quest's upper bound, or q . mean key)")
     parser.add_argument("--tail", type=int, default=None,
                         help="last prompt tokens decoded under the tree kernel (default: the final question)")
     parser.add_argument("--answer-tokens", type=int, default=8)
@@ -49,7 +52,7 @@ def configurations(args: argparse.Namespace, layers: tuple[int, ...]) -> list[tu
     out: list[tuple[str, TreeKernelConfig | None]] = [("dense", None)]
     for budget in args.budgets:
         for method in args.methods:
-            extra = dict(leaf_block=args.leaf_block) if method != "topk" else {}
+            extra = dict(leaf_block=args.leaf_block, rank=args.rank) if method != "topk" else {}
             if method == "rescore":
                 extra["candidates"] = args.candidates
             out.append((f"{method}@{budget}", TreeKernelConfig(method=method, budget=budget, min_keys=1,
@@ -79,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     json_path = output.with_suffix(".json")
     settings = dict(model=args.model or "embedded SmolLM2-135M-Instruct", dense_layers=args.dense_layers,
                     leaf_block=args.leaf_block, candidates=args.candidates, tail=args.tail,
+                    **({"rank": args.rank} if args.rank != "bound" else {}),  # earlier files resume unchanged
                     answer_tokens=args.answer_tokens, dtype=args.dtype)
     saved = json.loads(json_path.read_text()) if json_path.exists() else {}
     done = saved.get("trials", {}) if saved.get("settings") == settings else {}

@@ -28,7 +28,9 @@ GATHER_ROWS = 8
 class BlockBounds:
     """The complete leaf blocks a chunk of rows can see, with their bounds.
 
-    valid / forced / part_seen (B, Q, N); bound (B, Hs, S, Q, N): +max for forced blocks, -inf for invalid ones.
+    valid / forced / part_seen (B, Q, N); bound (B, Hs, S, Q, N): each block's rank score (`config.rank`: the
+    upper bound, or q . mean key), +max for forced blocks, -inf for invalid ones.
+    N: the complete blocks up to the last row's (the tree's first N leaf blocks).
     """
 
     level: dict[str, torch.Tensor]
@@ -36,6 +38,10 @@ class BlockBounds:
     forced: torch.Tensor
     part_seen: torch.Tensor | None
     bound: torch.Tensor
+
+    @property
+    def num_blocks(self) -> int:
+        return self.valid.shape[-1]
 
 
 def complete_blocks(tree: KeyTree, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +62,10 @@ def block_bounds(config: TreeKernelConfig, tree: KeyTree, query: torch.Tensor, b
     block, device = tree.block, query.device
     if tree.num_blocks == 0 or int(blocks.max()) == 0:
         return None
-    level = tree.level(0)
+    # blocks past the chunk's last row are invisible to all its rows (prefill chunks see a causal prefix)
+    seen_blocks = int(blocks.max())
+    level = {name: (t[:, :seen_blocks] if name == "count" else t[:, :, :seen_blocks])
+             for name, t in tree.level(0).items()}
     count = level["count"]  # (B, N)
     batch, q_len = rows.shape[:2]
     nodes = torch.arange(count.shape[1], device=device)
@@ -65,12 +74,15 @@ def block_bounds(config: TreeKernelConfig, tree: KeyTree, query: torch.Tensor, b
     forced = forced[None] & valid
     part_seen = None
     if windowed:
-        used = tree.num_blocks * block
-        seen = rows[:, :, :used].reshape(batch, q_len, tree.num_blocks, block).sum(-1)  # row's keys per block
+        used = seen_blocks * block
+        seen = rows[:, :, :used].reshape(batch, q_len, seen_blocks, block).sum(-1)  # row's keys per block
         valid = valid & (seen > 0)
         part_seen = valid & (seen < count[:, None])
         forced = (forced & valid) | part_seen
-    bound = score_nodes(torch.cat([query.clamp(min=0), -query.clamp(max=0)], -1), level["kbox"])
+    if config.rank == "mean":  # q . mean key: a block's typical score rather than its best possible one
+        bound = score_nodes(query, level["ksum"]) / count.clamp(min=1)[:, None, None, None]
+    else:
+        bound = score_nodes(torch.cat([query.clamp(min=0), -query.clamp(max=0)], -1), level["kbox"])
     bound = reduce_heads(bound, config.sharing, "max")
     bound = torch.where(forced[:, None, None], torch.finfo(bound.dtype).max, bound)
     bound = bound.masked_fill(~valid[:, None, None], float("-inf"))
@@ -129,7 +141,7 @@ def flat_bound_rows(config: TreeKernelConfig, tree: KeyTree, key, value, query, 
     blocks, partial = complete_blocks(tree, positions)
     bounds = block_bounds(config, tree, query, blocks, rows, windowed)
     if bounds is not None:
-        used = tree.num_blocks * block
+        used = bounds.num_blocks * block
         wanted = torch.round((budgets - partial[None]).clamp(min=0).double() / block).long().clamp(min=1)
         # every forced block fits the width; a budget that covers the row's keys takes every block (exact)
         available = bounds.valid.sum(-1)
@@ -144,7 +156,7 @@ def flat_bound_rows(config: TreeKernelConfig, tree: KeyTree, key, value, query, 
                         value[:, :, :used].float())
             exact = mask.sum(-1).float()
         else:
-            exact = gather_blocks(key, value, rows, kept, kept_ok, block, tree.num_blocks, scaled, softmax)
+            exact = gather_blocks(key, value, rows, kept, kept_ok, block, bounds.num_blocks, scaled, softmax)
         rest_terms = rest_estimate(config, bounds, selected, scaled, softmax)
         bounded = available.float()
     exact = exact.mean((1, 2)) + local_block(key, value, rows, positions, blocks, block, scaled, softmax)

@@ -15,6 +15,8 @@ METHODS = ("dense",) + SELECTORS + SAMPLED_METHODS
 SHARING = ("per_head", "kv_group", "all")
 ESTIMATES = ("none", "mean")
 DESCENTS = ("flat", "tree")
+#: how `bound` and `rescore` rank blocks: Quest's upper bound [q+, -q-] . [kmax, -kmin], or q . (block mean key)
+RANKS = ("bound", "mean")
 #: sampled methods whose node estimate targets exp(q.k / sqrt d); the others only steer sampling, and their
 #: unexpanded buds are represented by the centroid score exp(q . k_mean) (documented in docs/tree_kernel.md).
 EXP_SCALE_METHODS = ("alignment", "positive_alignment", "favor+", "rff")
@@ -121,7 +123,8 @@ class TreeKernelConfig:
     descent: str = "flat"  # bound: "flat" scores every leaf block's bound at once; "tree" descends level by level
     sink_blocks: int = 1  # bound: first leaf blocks always kept (attention sink), counted in the budget
     local_blocks: int = 1  # bound: most recent complete leaf blocks always kept, counted in the budget
-    candidates: float = 4.0  # rescore: blocks holding candidates x budget keys (by bound) are scored exactly
+    candidates: float = 4.0  # rescore: blocks holding candidates x budget keys (by rank) are scored exactly
+    rank: str = "bound"  # bound, rescore: block score that picks blocks ("bound": Quest's bound; "mean": q . k_mean)
     row_chunk: int = 256  # query rows processed together (memory bound of prefill)
     stats: TreeStats = field(default_factory=TreeStats, compare=False, repr=False)
 
@@ -153,6 +156,10 @@ class TreeKernelConfig:
             raise ValueError(f"parallel must be >= 1, got {self.parallel}")
         if self.beam < 1:
             raise ValueError(f"beam must be >= 1, got {self.beam}")
+        if self.rank not in RANKS:
+            raise ValueError(f"unknown rank {self.rank!r}; expected one of {', '.join(RANKS)}")
+        if self.rank != "bound" and self.method == "bound" and self.descent == "tree":
+            raise ValueError("the tree descent ranks nodes by their bound only (rank='bound')")
         if self.descent not in DESCENTS:
             raise ValueError(f"unknown descent {self.descent!r}; expected one of {', '.join(DESCENTS)}")
         if self.sink_blocks < 0 or self.local_blocks < 0:

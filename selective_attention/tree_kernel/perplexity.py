@@ -8,6 +8,7 @@ report: <output>.json (perplexities and costs per row), <output>_nll.json (per-t
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from selective_attention.io import write_json, write_text
 from selective_attention.plots.tree_kernel import plot_cumulative_perplexity
-from selective_attention.tree_kernel.config import ESTIMATES, METHODS, SAMPLED_METHODS, SHARING, TreeKernelConfig
+from selective_attention.tree_kernel.config import ESTIMATES, METHODS, RANKS, SAMPLED_METHODS, SHARING, TreeKernelConfig
 from selective_attention.tree_kernel.evaluation import (
     approximated_layers,
     load_tokens,
@@ -56,6 +57,8 @@ class TreePplConfig:
                 "sampled methods)", "choices": SHARING})
     estimates: list[str] = field(default_factory=lambda: ["mean"], metadata={
         "help": "bound, rescore: rest-mass estimate", "choices": ESTIMATES})
+    ranks: list[str] = field(default_factory=lambda: ["bound"], metadata={
+        "help": "bound, rescore: block rank score (Quest's upper bound, or q . mean key)", "choices": RANKS})
     sampled_windows: int | None = field(default=None, metadata={
         "help": "windows for the (slow) sampled methods", "aliases": ["--seed-windows"]})
     seed: int = field(default=0, metadata={"help": "random seed (feature draws, sampled descent)"})
@@ -83,17 +86,17 @@ def configurations(config: TreePplConfig, layers: tuple[int, ...]) -> list[Confi
         for method in config.methods:
             if method == "topk":
                 out.append((f"topk@{label}", TreeKernelConfig(method="topk", **size, **common), budget))
-            for leaf in config.leaf_blocks:
-                for estimate in config.estimates:
-                    if method == "bound":
-                        out.append((f"bound/b{leaf}/{estimate}@{label}", TreeKernelConfig(
-                            method="bound", leaf_block=leaf, estimate=estimate, **size, **common), budget))
-                    if method == "rescore":
-                        for factor in config.candidates:
-                            kernel = TreeKernelConfig(method="rescore", leaf_block=leaf, estimate=estimate,
-                                                      candidates=factor, **size, **common)
-                            out.append((f"rescore/b{leaf}/x{factor:g}/{kernel.sharing}/{estimate}@{label}", kernel,
-                                        budget))
+            for leaf, estimate, rank in itertools.product(config.leaf_blocks, config.estimates, config.ranks):
+                ranked = "" if rank == "bound" else f"/rank-{rank}"  # the default keeps the earlier names
+                if method == "bound":
+                    out.append((f"bound/b{leaf}/{estimate}{ranked}@{label}", TreeKernelConfig(
+                        method="bound", leaf_block=leaf, estimate=estimate, rank=rank, **size, **common), budget))
+                if method == "rescore":
+                    for factor in config.candidates:
+                        kernel = TreeKernelConfig(method="rescore", leaf_block=leaf, estimate=estimate,
+                                                  candidates=factor, rank=rank, **size, **common)
+                        out.append((f"rescore/b{leaf}/x{factor:g}/{kernel.sharing}/{estimate}{ranked}@{label}",
+                                    kernel, budget))
     sampled = [(str(b), dict(budget=b), b) for b in budgets] + [(f"E={e:g}", dict(exponent=e), None)
                                                                 for e in config.exponents]
     for label, size, budget in sampled:

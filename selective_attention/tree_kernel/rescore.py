@@ -69,7 +69,7 @@ def rescore_rows(config: TreeKernelConfig, tree: KeyTree, key, value, query, pos
     blocks, partial = complete_blocks(tree, positions)
     bounds = block_bounds(config, tree, query, blocks, rows, windowed)
     if bounds is not None:
-        used, count = tree.num_blocks * block, bounds.level["count"]
+        used, count = bounds.num_blocks * block, bounds.level["count"]
         keys, width = _keys_wanted(config, bounds, budgets, visible, partial, block)
         candidates, candidates_ok, selected = top_blocks(bounds.bound, width)
         if q_len > GATHER_ROWS:
@@ -81,7 +81,7 @@ def rescore_rows(config: TreeKernelConfig, tree: KeyTree, key, value, query, pos
             softmax.add(scores.masked_fill(~keep, float("-inf")), value[:, :, :used].float())
             drop_values, drop_counts = bounds.level["vsum"], count.clamp(min=1)[:, None, None, None]
         else:
-            block_keys = gather_nodes(key[:, :, :used].reshape(batch, kv_heads, tree.num_blocks, block * dim),
+            block_keys = gather_nodes(key[:, :, :used].reshape(batch, kv_heads, bounds.num_blocks, block * dim),
                                       candidates).float()
             block_keys = block_keys.view(batch, kv_heads, *candidates.shape[2:4], -1, dim)  # (B, Hkv, S, Q, C, D)
             positions_c = (candidates[..., None] * block + torch.arange(block, device=key.device)).flatten(-2)
@@ -101,8 +101,13 @@ def rescore_rows(config: TreeKernelConfig, tree: KeyTree, key, value, query, pos
         dropped = candidate & ~keep
         drop_terms = torch.zeros(scores.shape[:4], device=scores.device)
         if config.estimate == "mean" and bool(dropped.any()):
-            lse = softmax.cap(scores).masked_fill(~dropped, float("-inf"))
-            lse = lse.view(*scores.shape[:4], -1, block).logsumexp(-1)  # (B, Hkv, R, Q, blocks)
+            # log of each block's dropped mass, shifted by the row's largest dropped score (one exp, no
+            # logsumexp over 16-wide groups, which costs several passes over the score matrix)
+            capped = softmax.cap(scores)
+            shift = capped.masked_fill(~dropped, float("-inf")).amax(-1, keepdim=True)
+            shift = torch.where(torch.isfinite(shift), shift, torch.zeros_like(shift))
+            mass = torch.exp(capped - shift).masked_fill_(~dropped, 0.0)
+            lse = torch.log(mass.view(*scores.shape[:4], -1, block).sum(-1)) + shift  # (B, Hkv, R, Q, blocks)
             softmax.add(lse - torch.log(drop_counts), drop_values, drop_counts, capped=True)
             drop_terms = torch.isfinite(lse).sum(-1).float()
         rest = rest_estimate(config, bounds, selected, scaled, softmax)

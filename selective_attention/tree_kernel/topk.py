@@ -14,6 +14,8 @@ def topk_rows(config: TreeKernelConfig, key: torch.Tensor, value: torch.Tensor, 
 
     Every score is computed; each row keeps its `budgets` highest visible keys (per query head)."""
     batch, kv_heads, n_rep, q_len, dim = query.shape
+    seen = int(positions.max()) + 1  # keys past the chunk's last row are invisible to all its rows
+    key, value, rows = key[:, :, :seen], value[:, :, :seen], rows[..., :seen]
     scores = torch.einsum("bhrqd,bhkd->bhrqk", query, key.float()) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
