@@ -23,10 +23,9 @@ def _brute_force(q, k, v, estimate: str, rank: str = "bound"):
     bounds = []
     for b in range(n_blocks):
         keys = k[b * BLOCK:(b + 1) * BLOCK]
-        if rank == "mean":
-            bounds.append(float(q @ keys.mean(0)))
-        else:
-            bounds.append(float(sum(max(q[i] * keys[:, i].max(), q[i] * keys[:, i].min()) for i in range(dim))))
+        upper = float(sum(max(q[i] * keys[:, i].max(), q[i] * keys[:, i].min()) for i in range(dim)))
+        mean = float(q @ keys.mean(0))
+        bounds.append({"bound": upper, "mean": mean, "mix": (upper + mean) / 2}[rank])
     forced = {0, n_blocks - 1}  # one sink block, one local block
     width = math.ceil(BUDGET * FACTOR / BLOCK)
     others = sorted((b for b in range(n_blocks) if b not in forced), key=lambda b: -bounds[b])
@@ -51,7 +50,7 @@ def _brute_force(q, k, v, estimate: str, rank: str = "bound"):
     return numerator / denominator, candidates, kept
 
 
-@pytest.mark.parametrize("rank", ["bound", "mean"])
+@pytest.mark.parametrize("rank", ["bound", "mean", "mix"])
 @pytest.mark.parametrize("estimate", ["none", "mean"])
 def test_decode_row_equals_brute_force(estimate, rank):
     torch.manual_seed(0)
@@ -94,7 +93,7 @@ def test_decode_reads_only_candidate_keys_and_kept_values(estimate):
 @pytest.mark.parametrize("sharing", ["per_head", "kv_group"])
 @pytest.mark.parametrize("estimate", ["none", "mean"])
 @pytest.mark.parametrize("softcap", [None, 2.0])
-@pytest.mark.parametrize("rank", ["bound", "mean"])
+@pytest.mark.parametrize("rank", ["bound", "mix"])
 def test_decode_equals_prefill_rows_at_partial_budget(sharing, estimate, softcap, rank):
     torch.manual_seed(5)
     q, k, v = torch.randn(1, 4, 90, 16), torch.randn(1, 2, 90, 16), torch.randn(1, 2, 90, 16)
@@ -163,11 +162,12 @@ def test_row_chunks_see_only_their_causal_prefix_and_give_the_same_rows(method):
     torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rank", ["mean", "mix"])
 @pytest.mark.parametrize("method", ["bound", "rescore"])
-def test_mean_rank_full_budget_equals_dense_prefill_and_decode(method):
+def test_mean_rank_full_budget_equals_dense_prefill_and_decode(method, rank):
     torch.manual_seed(3)
     q, k, v = torch.randn(1, 6, 70, 16), torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)
-    config = TreeKernelConfig(method=method, fraction=1.0, leaf_block=8, min_keys=1, rank="mean")
+    config = TreeKernelConfig(method=method, fraction=1.0, leaf_block=8, min_keys=1, rank=rank)
     dense, _ = tree_attention(q, k, v, None, TreeKernelConfig(method="dense"))
     torch.testing.assert_close(tree_attention(q, k, v, None, config)[0], dense, atol=1e-5, rtol=1e-5)
     holder = torch.nn.Module()

@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--leaf-block", type=int, default=16, help="bound, rescore: keys per block")
     parser.add_argument("--candidates", type=float, default=4.0, help="rescore: candidates as a multiple of budget")
     parser.add_argument("--rank", default="bound", choices=RANKS,
-                        help="bound, rescore: block rank score (Quest's upper bound, or q . mean key)")
+                        help="bound, rescore: block rank score (Quest's upper bound, q . mean key, or their average)")
     parser.add_argument("--tail", type=int, default=None,
                         help="last prompt tokens decoded under the tree kernel (default: the final question)")
     parser.add_argument("--answer-tokens", type=int, default=8)

@@ -62,7 +62,7 @@ def _trees(module: nn.Module | None, config: TreeKernelConfig) -> dict:
 def _tree(trees: dict, config: TreeKernelConfig, key, value, key_valid, q_len: int, scaling: float) -> KeyTree:
     """The module's incrementally maintained tree for this method (rebuilt when the cache does not extend it)."""
     if config.method == "rescore" or (config.method == "bound" and config.descent == "flat"):
-        spec = ("bound", config.leaf_block, ("ksum", "vsum") + (("kbox",) if config.rank == "bound" else ()), None)
+        spec = ("bound", config.leaf_block, ("ksum", "vsum") + (("kbox",) if config.rank != "mean" else ()), None)
     elif config.method == "bound":
         spec = ("bound", config.leaf_block, ("ksum", "vsum", "kmin", "kmax"), None)
     else:

@@ -29,7 +29,7 @@ class BlockBounds:
     """The complete leaf blocks a chunk of rows can see, with their bounds.
 
     valid / forced / part_seen (B, Q, N); bound (B, Hs, S, Q, N): each block's rank score (`config.rank`: the
-    upper bound, or q . mean key), +max for forced blocks, -inf for invalid ones.
+    upper bound, q . mean key, or their average), +max for forced blocks, -inf for invalid ones.
     N: the complete blocks up to the last row's (the tree's first N leaf blocks).
     """
 
@@ -79,10 +79,11 @@ def block_bounds(config: TreeKernelConfig, tree: KeyTree, query: torch.Tensor, b
         valid = valid & (seen > 0)
         part_seen = valid & (seen < count[:, None])
         forced = (forced & valid) | part_seen
-    if config.rank == "mean":  # q . mean key: a block's typical score rather than its best possible one
-        bound = score_nodes(query, level["ksum"]) / count.clamp(min=1)[:, None, None, None]
-    else:
+    if config.rank != "bound":  # q . mean key: a block's typical score rather than its best possible one
+        mean = score_nodes(query, level["ksum"]) / count.clamp(min=1)[:, None, None, None]
+    if config.rank != "mean":
         bound = score_nodes(torch.cat([query.clamp(min=0), -query.clamp(max=0)], -1), level["kbox"])
+    bound = mean if config.rank == "mean" else 0.5 * (bound + mean) if config.rank == "mix" else bound
     bound = reduce_heads(bound, config.sharing, "max")
     bound = torch.where(forced[:, None, None], torch.finfo(bound.dtype).max, bound)
     bound = bound.masked_fill(~valid[:, None, None], float("-inf"))

@@ -15,8 +15,9 @@ METHODS = ("dense",) + SELECTORS + SAMPLED_METHODS
 SHARING = ("per_head", "kv_group", "all")
 ESTIMATES = ("none", "mean")
 DESCENTS = ("flat", "tree")
-#: how `bound` and `rescore` rank blocks: Quest's upper bound [q+, -q-] . [kmax, -kmin], or q . (block mean key)
-RANKS = ("bound", "mean")
+#: how `bound` and `rescore` rank blocks: Quest's upper bound [q+, -q-] . [kmax, -kmin], q . (block mean key), or
+#: the average of the two ("mix": the bound overrates blocks of spread-out keys, the mean underrates one outlier)
+RANKS = ("bound", "mean", "mix")
 #: sampled methods whose node estimate targets exp(q.k / sqrt d); the others only steer sampling, and their
 #: unexpanded buds are represented by the centroid score exp(q . k_mean) (documented in docs/tree_kernel.md).
 EXP_SCALE_METHODS = ("alignment", "positive_alignment", "favor+", "rff")
@@ -124,7 +125,7 @@ class TreeKernelConfig:
     sink_blocks: int = 1  # bound: first leaf blocks always kept (attention sink), counted in the budget
     local_blocks: int = 1  # bound: most recent complete leaf blocks always kept, counted in the budget
     candidates: float = 4.0  # rescore: blocks holding candidates x budget keys (by rank) are scored exactly
-    rank: str = "bound"  # bound, rescore: block score that picks blocks ("bound": Quest's bound; "mean": q . k_mean)
+    rank: str = "bound"  # bound, rescore: block score that picks blocks (bound | mean: q . k_mean | mix: their average)
     row_chunk: int = 256  # query rows processed together (memory bound of prefill)
     stats: TreeStats = field(default_factory=TreeStats, compare=False, repr=False)
 

@@ -58,7 +58,8 @@ class TreePplConfig:
     estimates: list[str] = field(default_factory=lambda: ["mean"], metadata={
         "help": "bound, rescore: rest-mass estimate", "choices": ESTIMATES})
     ranks: list[str] = field(default_factory=lambda: ["bound"], metadata={
-        "help": "bound, rescore: block rank score (Quest's upper bound, or q . mean key)", "choices": RANKS})
+        "help": "bound, rescore: block rank score (Quest's upper bound, q . mean key, or their average)",
+        "choices": RANKS})
     sampled_windows: int | None = field(default=None, metadata={
         "help": "windows for the (slow) sampled methods", "aliases": ["--seed-windows"]})
     seed: int = field(default=0, metadata={"help": "random seed (feature draws, sampled descent)"})
