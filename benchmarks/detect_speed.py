@@ -39,7 +39,7 @@ SPEED_VARIANTS = ("floor", "floor (batched decode)", "probe (one trial at a time
 def _setup(args):
     import torch
 
-    from selective_attention.loading import load_model
+    from selective_attention.loading.loader import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,8 +47,8 @@ def _setup(args):
 
 
 def _config(args, **overrides):
-    from selective_attention.needle.detect import DetectConfig
-    from selective_attention.needle.needles import resolve_needles
+    from selective_attention.retrieval.detect import DetectConfig
+    from selective_attention.retrieval.needles import resolve_needles
 
     settings = dict(lengths=args.lengths, depths=args.depths, needles=resolve_needles(args.needles),
                     max_new_tokens=args.max_new_tokens, chat=None if args.chat is None else args.chat == "on")
@@ -57,9 +57,9 @@ def _config(args, **overrides):
 
 def floor(model, tokenizer, config, batch: int) -> dict[str, list[int]]:
     """The grid's forward passes with no probe: prefix once, each suffix once, greedy answers (plain SDPA)."""
-    from selective_attention.needle.batched import batch_groups, decode_batch
-    from selective_attention.needle.detect import plan, reuse_order, trial_key
-    from selective_attention.needle.generate import SharedPrefix, greedy_decode, stop_token_ids
+    from selective_attention.retrieval.batched import batch_groups, decode_batch
+    from selective_attention.retrieval.detect import plan, reuse_order, trial_key
+    from selective_attention.retrieval.generate import SharedPrefix, greedy_decode, stop_token_ids
 
     _, prompts = plan(tokenizer, config)
     prompts = reuse_order(prompts)
@@ -74,13 +74,13 @@ def floor(model, tokenizer, config, batch: int) -> dict[str, list[int]]:
         else:
             decoded = decode_batch(model, group, stop_ids=stop, max_new_tokens=config.max_new_tokens, shared=shared)
         for prompt, answer in zip(group, decoded):
-            answers[trial_key(prompt.extra["length"], prompt.depth_percent, prompt.needle)] = answer.tokens
+            answers[trial_key(prompt.requested_length, prompt.depth_percent, prompt.needle)] = answer.tokens
     return answers
 
 
 def speed_worker(args) -> dict:
     from selective_attention.heads import load_sidecar
-    from selective_attention.needle.detect import detect
+    from selective_attention.retrieval.detect import detect
 
     model, tokenizer = _setup(args)
     config = _config(args)
@@ -110,7 +110,7 @@ def speed_worker(args) -> dict:
 
 
 def reference_worker(args) -> dict:
-    from selective_attention.needle.detect import detect
+    from selective_attention.retrieval.detect import detect
 
     model, tokenizer = _setup(args)
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,7 +134,7 @@ def memory_worker(args) -> dict:
     import torch
 
     from selective_attention.modeling import text_config
-    from selective_attention.needle.detect import detect
+    from selective_attention.retrieval.detect import detect
 
     model, tokenizer = _setup(args)
     config = _config(args, lengths=[args.length], depths=[50.0], method=args.method,
@@ -220,7 +220,7 @@ def main() -> None:
     parser.add_argument("--method", default="probe", help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from selective_attention.commands.detect import parse_numbers
+    from selective_attention.retrieval.config import parse_numbers
 
     args.raw_lengths, args.raw_depths = args.lengths, args.depths
     args.lengths, args.depths = parse_numbers(args.lengths, int), parse_numbers(args.depths)

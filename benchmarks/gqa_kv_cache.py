@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from selective_attention.loading import load_model
+from selective_attention.loading.loader import load_model
 from selective_attention.modeling import cache_kwargs, output_cache
-from selective_attention.models.convert import calibration_token_ids, convert_model
+from selective_attention.gqa.convert import calibration_token_ids, convert_model
 
 logger = logging.getLogger("gqa_kv_cache")
 RESULTS = Path(__file__).parent / "results"
@@ -36,7 +36,7 @@ def variants(layers: int) -> dict[str, tuple[str, str] | None]:
 
 
 def context_ids(tokenizer, length: int) -> torch.Tensor:
-    from selective_attention import assets
+    from selective_attention.loading import assets
 
     texts = [path.read_text(encoding="utf-8") for path in sorted(assets.haystack_dir().glob("*.txt"))[:20]]
     ids = calibration_token_ids(tokenizer, texts, length)

@@ -38,7 +38,7 @@ def status_kib(field: str) -> int:
 
 
 def context_ids(tokenizer, length: int) -> torch.Tensor:
-    from selective_attention.needle.corpus import load_haystack_text
+    from selective_attention.retrieval.corpus import load_haystack_text
 
     ids = tokenizer(load_haystack_text(), add_special_tokens=False)["input_ids"][:length]
     if len(ids) < length:
@@ -52,7 +52,7 @@ def build(args: argparse.Namespace, variant: str):
 
     from selective_attention.cache import headwise_cache
     from selective_attention.heads import model_head_scores
-    from selective_attention.loading import load_model
+    from selective_attention.loading.loader import load_model
 
     model, tokenizer = load_model(args.model)
     config = model.config

@@ -87,7 +87,7 @@ def dense_prefill_patch(enabled: bool):
         yield
         return
     from selective_attention.cache.headwise import dense_attention, trial_cache
-    from selective_attention.needle import evaluate
+    from selective_attention.retrieval import evaluate
 
     class DensePrefix(evaluate.SharedPrefix):
         def __init__(self, model, prompts) -> None:
@@ -106,12 +106,8 @@ def dense_prefill_patch(enabled: bool):
 def run_grid(args: argparse.Namespace) -> None:
     from selective_attention.heads import EMBEDDED_MODEL_SCORES
     from selective_attention.loading import load_model
-    from selective_attention.needle.evaluate import (
-        MANIFEST,
-        NeedleConfig,
-        run_needle_grid,
-    )
-    from selective_attention.needle.needles import resolve_needles
+    from selective_attention.retrieval.evaluate import MANIFEST, NeedleConfig, run_needle_grid
+    from selective_attention.retrieval.needles import resolve_needles
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model()
@@ -147,7 +143,7 @@ def _folders(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 
 def report(args: argparse.Namespace) -> dict:
-    from selective_attention.needle.evaluate import load_manifest, load_results
+    from selective_attention.retrieval.evaluate import load_manifest, load_results
     from selective_attention.plots import plot_niah
 
     summary, plotted = {"runs": []}, []

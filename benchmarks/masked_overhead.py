@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from selective_attention import assets, mask_heads
-from selective_attention.loading import load_model
+from selective_attention import mask_heads
+from selective_attention.loading import assets
+from selective_attention.loading.loader import load_model
 
 RESULTS = Path(__file__).parent / "results"
 

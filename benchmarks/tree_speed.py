@@ -89,7 +89,7 @@ def inputs(length: int, steps: int, real: torch.Tensor | None, generator: torch.
 def real_tensors(layer: int = 15, tokens: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """key, value (1, KV_HEADS, tokens, DIM) and the last 512 queries (1, HEADS, 512, DIM) of the embedded
     SmolLM2 at `layer` on the essays, post-RoPE, captured through a registered attention function."""
-    from selective_attention.loading import load_model
+    from selective_attention.loading.loader import load_model
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from selective_attention.tree_kernel.evaluation import load_tokens

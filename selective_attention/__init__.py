@@ -4,15 +4,15 @@ Importing the package registers its attention functions (`sa_masked_sdpa`, `sa_m
 transformers' `AttentionInterface` and `AttentionMaskInterface`.
 """
 
-from .registry import register_all as _register_all
+from selective_attention.registry import register_all as _register_all
 
 _register_all()
 
-from .attention.masked import MASK_MODES, HeadMask  # noqa: E402
-from .cache import HeadwiseCache, HeadwisePolicy, headwise_cache  # noqa: E402
-from .heads import head_key, parse_heads  # noqa: E402
-from .masking import apply_config_head_mask, mask_heads, masked_heads, unmask_heads  # noqa: E402
-from .models import SelectiveLlamaConfig, SelectiveLlamaForCausalLM  # noqa: E402  (registers selective_llama)
+from selective_attention.attention.masked import MASK_MODES, HeadMask  # noqa: E402
+from selective_attention.cache import HeadwiseCache, HeadwisePolicy, headwise_cache  # noqa: E402
+from selective_attention.gqa import SelectiveLlamaConfig, SelectiveLlamaForCausalLM  # noqa: E402  (registers selective_llama)
+from selective_attention.heads.ids import head_key, parse_heads  # noqa: E402
+from selective_attention.heads.masking import apply_config_head_mask, mask_heads, masked_heads, unmask_heads  # noqa: E402
 
 __version__ = "0.1.0"
 

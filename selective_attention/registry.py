@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, flash_attention_mask, sdpa_mask
 
-from .attention.headwise import headwise_sdpa_attention
-from .attention.masked import masked, masked_eager_attention, masked_sdpa_attention
-from .attention.probe import probe_attention
-from .attention.record import record_attention_forward
-from .tree_kernel.attention import tree_kernel_sdpa
+from selective_attention.attention.headwise import headwise_sdpa_attention
+from selective_attention.attention.masked import masked, masked_eager_attention, masked_sdpa_attention
+from selective_attention.attention.probe import probe_attention
+from selective_attention.attention.record import record_attention_forward
+from selective_attention.tree_kernel.attention import tree_kernel_sdpa
 
 
 def _flash_attn_available() -> bool:

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import selective_attention  # noqa: F401  (registers the attention functions)
-from selective_attention import assets
+from selective_attention.loading import assets
 
 
 def tiny_llama_config(**overrides) -> LlamaConfig:

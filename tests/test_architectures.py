@@ -25,7 +25,7 @@ from selective_attention import mask_heads
 from selective_attention.attention.probe import probing
 from selective_attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
 from selective_attention.modeling import attention_modules, cache_kwargs
-from selective_attention.needle.generate import greedy_decode
+from selective_attention.retrieval.generate import greedy_decode
 
 VOCAB = 128
 PROMPT = 24

@@ -8,7 +8,7 @@ from PIL import Image
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from selective_attention import mask_heads
-from selective_attention.attention_maps import attention_maps, record_attention
+from selective_attention.attention.maps import attention_maps, record_attention
 from selective_attention.plots import plot_average, plot_head_across_layers, plot_layer, plot_map_comparison
 
 from .conftest import build_tiny, tiny_llama_config

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from selective_attention.attention.probe import probing
-from selective_attention.needle.batched import batch_groups, decode_batch, stack_caches
-from selective_attention.needle.generate import SharedPrefix, reference_decode
-from selective_attention.needle.haystack import NeedlePrompt
-from selective_attention.needle.needles import resolve_needles
+from selective_attention.retrieval.batched import batch_groups, decode_batch, stack_caches
+from selective_attention.retrieval.generate import SharedPrefix, reference_decode
+from selective_attention.retrieval.haystack import NeedlePrompt
+from selective_attention.retrieval.needles import resolve_needles
 from tests.conftest import build_tiny, tiny_llama_config
 from tests.test_sliding_window import brute_force_argmax, tiny_mistral
 
@@ -25,8 +25,7 @@ def prompts(length: int = 40, starts: tuple[int, ...] = (4, 22, 33)) -> list[Nee
     out = []
     for start in starts:
         ids = haystack[:start] + needle + haystack[start:length - len(needle)]
-        out.append(NeedlePrompt(ids, (start, start + 5), length, 0.0, 0.0, needle_spec, prefix_length=start,
-                                extra={"header_length": 0}))
+        out.append(NeedlePrompt(ids, (start, start + 5), length, 0.0, 0.0, needle_spec, prefix_length=start))
     return out
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from selective_attention import assets
+from selective_attention.loading import assets
 from selective_attention.cli import COMMANDS, build_parser, main
-from selective_attention.loading import resolve_model
+from selective_attention.loading.loader import resolve_model
 
 
 def test_help_lists_every_subcommand(capsys):

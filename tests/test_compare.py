@@ -7,7 +7,7 @@ import json
 import pytest
 
 from selective_attention.cli import main
-from selective_attention.compare import compare_head_scores
+from selective_attention.heads.compare import compare_head_scores
 from selective_attention.heads import save_head_scores
 
 

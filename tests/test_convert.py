@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, GPT
 
 from selective_attention.cli import main
 from selective_attention.modeling import output_cache
-from selective_attention.models.convert import convert_model, contiguous_partition, parse_kv_heads
+from selective_attention.gqa.convert import convert_model, contiguous_partition, parse_kv_heads
 
 from .conftest import build_tiny, tiny_llama_config
 from .test_gqa import load_in_fresh_process
@@ -113,7 +113,7 @@ def test_uneven_merge_and_large_search_space():
 
 
 def test_local_search_path(monkeypatch):
-    from selective_attention.models.conversion import grouping
+    from selective_attention.gqa.conversion import grouping
 
     monkeypatch.setattr(grouping, "MAX_ENUMERATED_GROUPINGS", 0)
     source = tiny_source(kv_heads=8, heads=8, layers=1, seed=7)
@@ -177,7 +177,7 @@ def test_atomic_output_and_overwrite(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="already exists"):
         convert_model(source, "4", "duplicate", out_dir=out)
 
-    from selective_attention.models import modeling_selective_llama
+    from selective_attention.gqa import modeling_selective_llama
 
     def broken_save(self, *args, **kwargs):
         raise RuntimeError("disk full")
@@ -206,7 +206,7 @@ def test_convert_a_converted_checkpoint(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2():
     """(model, tokenizer, 64-token chat prompt, its logits, its 10-token greedy continuation), computed once."""
-    from selective_attention.loading import load_model
+    from selective_attention.loading.loader import load_model
 
     model, tokenizer = load_model(None, dtype="float32")
     messages = [{"role": "user", "content": "Write two sentences about the history of Paris and its river."}]

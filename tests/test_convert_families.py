@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import MistralConfig, Qwen2Config, Qwen3Config
 
-from selective_attention.models.convert import convert_model
+from selective_attention.gqa.convert import convert_model
 
 from .conftest import build_tiny
 from .test_convert import CALIBRATION, IDS, logits, measured_error

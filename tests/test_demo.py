@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from selective_attention.cli import main
-from selective_attention.commands.demo import default_head_count
+from selective_attention.cli.demo import default_head_count
 
 from .conftest import build_tiny, tiny_llama_config
 
@@ -34,7 +34,7 @@ def tiny_dir(tmp_path, embedded_model_dir):
 
 
 def test_demo_without_head_scores_says_so(tiny_dir, capsys, caplog):
-    with caplog.at_level(logging.WARNING, logger="selective_attention.commands.demo"):
+    with caplog.at_level(logging.WARNING, logger="selective_attention.cli.demo"):
         assert main(["demo", "--model", str(tiny_dir), "--context-tokens", "200", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
     assert "top 1 retrieval heads masked: skipped, no head scores for this model" in out

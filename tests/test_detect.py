@@ -10,8 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 from selective_attention.heads import load_head_scores, load_sidecar, save_head_scores
-from selective_attention.needle.detect import DetectConfig, assemble, detect, retrieval_scores
-from selective_attention.needle.needles import resolve_needles
+from selective_attention.retrieval.detect import DetectConfig, assemble, detect, retrieval_scores
+from selective_attention.retrieval.needles import resolve_needles
 from tests.conftest import build_tiny, tiny_llama_config
 
 
@@ -143,7 +143,7 @@ def test_bad_config(bad, match):
 @pytest.mark.slow
 def test_smollm2_small_grid(tmp_path, embedded_model_dir):
     """The real model answers, some head scores > 0.2, 30 x 9 keys, and a rerun resumes."""
-    from selective_attention.loading import load_model
+    from selective_attention.loading.loader import load_model
 
     model, tokenizer = load_model(embedded_model_dir)
     output = tmp_path / "head_scores.json"
@@ -166,7 +166,7 @@ def test_smollm2_small_grid(tmp_path, embedded_model_dir):
 
 
 def test_duo_pattern(tmp_path):
-    from selective_attention.needle.duo import duo_pattern, write_duo_pattern
+    from selective_attention.heads.duo import duo_pattern, write_duo_pattern
 
     scores = {"0-0": [0.1], "0-3": [0.9], "1-1": [0.5], "1-2": [0.0]}
     pattern = duo_pattern(scores, num_layers=2, num_heads=4, num_kv_heads=2, top=2)

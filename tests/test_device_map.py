@@ -10,13 +10,13 @@ import torch
 from transformers import AutoTokenizer
 
 from selective_attention.attention.probe import probing
-from selective_attention.loading import load_model
-from selective_attention.needle.batched import decode_batch
-from selective_attention.needle.detect import DetectConfig, detect, plan
-from selective_attention.needle.evaluate import NeedleConfig, run_needle_grid
-from selective_attention.needle.generate import stop_token_ids
-from selective_attention.needle.needles import resolve_needles
-from selective_attention.placement import check_placement, parse_device_map, parse_max_memory
+from selective_attention.loading.loader import load_model
+from selective_attention.retrieval.batched import decode_batch
+from selective_attention.retrieval.detect import DetectConfig, detect, plan
+from selective_attention.retrieval.evaluate import NeedleConfig, run_needle_grid
+from selective_attention.retrieval.generate import stop_token_ids
+from selective_attention.retrieval.needles import resolve_needles
+from selective_attention.distributed.placement import check_placement, parse_device_map, parse_max_memory
 from selective_attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
 from tests.conftest import build_tiny, tiny_llama_config
 

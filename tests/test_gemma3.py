@@ -15,13 +15,13 @@ import time
 import pytest
 import torch
 
-from selective_attention import assets
+from selective_attention.loading import assets
 from selective_attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
-from selective_attention.loading import load_model
+from selective_attention.loading.loader import load_model
 from selective_attention.modeling import text_config
-from selective_attention.needle.detect import DetectConfig, detect, retrieval_scores
-from selective_attention.needle.corpus import load_haystack_text
-from selective_attention.needle.needles import resolve_needles
+from selective_attention.retrieval.detect import DetectConfig, detect, retrieval_scores
+from selective_attention.retrieval.corpus import load_haystack_text
+from selective_attention.retrieval.needles import resolve_needles
 
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)

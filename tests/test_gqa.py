@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import selective_attention
 from selective_attention import mask_heads, masked_heads, unmask_heads
 from selective_attention.modeling import output_cache
-from selective_attention.models import SelectiveLlamaConfig, SelectiveLlamaForCausalLM
+from selective_attention.gqa import SelectiveLlamaConfig, SelectiveLlamaForCausalLM
 
 IDS = torch.tensor([[5, 17, 3, 99, 42, 8, 23, 64, 7, 11, 2, 90]])
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -207,6 +207,25 @@ def test_sequence_classification_from_causal_checkpoint(tmp_path):
     assert output.logits.shape == (2, 3) and torch.isfinite(output.loss)
     output.loss.backward()
     assert classifier.score.weight.grad is not None
+
+
+def test_sequence_classification_loads_without_plugin(tmp_path):
+    """The classification head builds its body through AutoModel: that must resolve under remote code too."""
+    config = SelectiveLlamaConfig(**TINY, num_key_value_heads_per_layer=[1, 2, 2], num_labels=3)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32).eval()
+    assert type(model.model).__name__ == "SelectiveLlamaModel"
+    model.save_pretrained(tmp_path / "ckpt")
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_WITHOUT_PLUGIN.replace("AutoModelForCausalLM", "AutoModelForSequenceClassification"))
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-I", str(script), json.dumps([str(tmp_path / "ckpt")]),
+                             json.dumps(IDS.tolist()), str(tmp_path / "logits.pt")],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "transformers_modules" in result.stdout and "SelectiveLlamaForSequenceClassification" in result.stdout
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt")[0], logits(model))
 
 
 def test_peft_lora_trains_one_step():

@@ -22,7 +22,7 @@ from selective_attention.cache import (
     prefill,
 )
 from selective_attention.modeling import cache_kwargs
-from selective_attention.models import (
+from selective_attention.gqa import (
     headwise_attention_selective_llama as headwise_attention,
 )
 

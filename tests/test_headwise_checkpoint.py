@@ -17,9 +17,9 @@ from selective_attention.cache.checkpoint import (
     headwise_request,
     kept_fraction,
 )
-from selective_attention.hub import build_model_card
+from selective_attention.gqa.hub import build_model_card
 from selective_attention.modeling import cache_kwargs
-from selective_attention.models.convert import convert_model
+from selective_attention.gqa.convert import convert_model
 
 from .conftest import build_tiny, tiny_llama_config
 

@@ -7,13 +7,13 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from selective_attention.needle.evaluate import (
+from selective_attention.retrieval.evaluate import (
     NeedleConfig,
     load_manifest,
     load_results,
     run_needle_grid,
 )
-from selective_attention.needle.needles import resolve_needles
+from selective_attention.retrieval.needles import resolve_needles
 
 from .conftest import build_tiny, tiny_llama_config
 
@@ -87,7 +87,7 @@ def test_cli_needle_headwise(tmp_path, tiny, tokenizer):
 def test_point_files_keep_the_reference_names(tmp_path):
     """gkamradt/LLMTest_NeedleInAHaystack and Retrieval_Head name a point `..._len_{L}_depth_{int(depth*100)}`
     with the depth in percent, so depth 100 is `depth_10000`: kept for byte-compatible folders."""
-    from selective_attention.needle.evaluate import point_path
+    from selective_attention.retrieval.evaluate import point_path
 
     needle = resolve_needles("sf")[0]
     assert point_path(tmp_path, 2000, 100.0, needle).name == "len_2000_depth_10000_sf_results.json"

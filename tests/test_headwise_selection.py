@@ -14,7 +14,7 @@ from selective_attention.cache import (
     select_full_kv_heads,
 )
 from selective_attention.heads import save_head_scores
-from selective_attention.needle.duo import duo_pattern, write_duo_pattern
+from selective_attention.heads.duo import duo_pattern, write_duo_pattern
 
 from .conftest import build_tiny, tiny_llama_config
 

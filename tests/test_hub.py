@@ -10,7 +10,8 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 
-from selective_attention import cli, hub
+from selective_attention import cli
+from selective_attention.gqa import hub
 
 from .conftest import build_tiny, tiny_llama_config
 
@@ -18,7 +19,7 @@ from .conftest import build_tiny, tiny_llama_config
 @pytest.fixture
 def converted_dir(tmp_path) -> Path:
     """A real selective_llama checkpoint: tiny Llama whose last layer is mean-pooled to 1 KV head, 2 heads masked."""
-    from selective_attention.models.convert import convert_model
+    from selective_attention.gqa.convert import convert_model
 
     source = build_tiny(tiny_llama_config())
     ids = torch.randint(1, 128, (1, 64), generator=torch.Generator().manual_seed(0))

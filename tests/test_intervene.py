@@ -9,7 +9,7 @@ from selective_attention import mask_heads, unmask_heads
 from selective_attention.attention.intervene import active_interventions, intervene
 from selective_attention.attention.masked import MASK_ATTRIBUTE
 from selective_attention.attention.probe import probing
-from selective_attention.attention_maps import record_attention
+from selective_attention.attention.maps import record_attention
 from selective_attention.modeling import attention_modules
 
 from .conftest import build_tiny, tiny_llama_config

@@ -10,10 +10,10 @@ from rouge_score import rouge_scorer
 from transformers import AutoTokenizer
 
 from selective_attention.heads import load_sidecar
-from selective_attention.needle.languages import (Language, get_language, register_language, supported_languages,
+from selective_attention.retrieval.languages import (Language, get_language, register_language, supported_languages,
                                            LANGUAGES)
-from selective_attention.needle.detect import DetectConfig, detect, plan
-from selective_attention.needle.haystack import Haystack, build_prompt, prompt_template
+from selective_attention.retrieval.detect import DetectConfig, detect, plan
+from selective_attention.retrieval.haystack import Haystack, build_prompt, prompt_template
 from tests.conftest import build_tiny, tiny_llama_config
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from selective_attention import mask_heads
-from selective_attention.loading import load_model
+from selective_attention.loading.loader import load_model
 
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "In a hole in the ground there lived a hobbit. Not a nasty, dirty, wet hole"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import evaluate
 import pytest
 
-from selective_attention.needle.languages import get_language
+from selective_attention.retrieval.languages import get_language
 from selective_attention.metrics import NEEDLE_ROUGE_PATH
-from selective_attention.needle.needles import resolve_needles
+from selective_attention.retrieval.needles import resolve_needles
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from selective_attention.heads import save_head_scores
-from selective_attention.needle.evaluate import NeedleConfig, load_results, resolve_mask, run_needle_grid
-from selective_attention.needle.corpus import load_haystack_text
-from selective_attention.needle.haystack import Haystack, build_prompt, prompt_template
-from selective_attention.needle.needles import Needle, builtin_needles, load_needles, resolve_needles
+from selective_attention.retrieval.evaluate import NeedleConfig, load_results, resolve_mask, run_needle_grid
+from selective_attention.retrieval.corpus import load_haystack_text
+from selective_attention.retrieval.haystack import Haystack, build_prompt, prompt_template
+from selective_attention.retrieval.needles import Needle, builtin_needles, load_needles, resolve_needles
 from tests.conftest import build_tiny, tiny_llama_config
 
 TEXT = ("Alpha beta gamma. Delta epsilon zeta eta theta! Version 3.5 shipped today. \"Is it done?\" she asked.\n\n"

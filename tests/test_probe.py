@@ -8,8 +8,8 @@ from transformers.masking_utils import sdpa_mask
 
 from selective_attention import mask_heads
 from selective_attention.attention.probe import ProbeRecorder, _row_argmax, probing
-from selective_attention.needle.generate import cropped, greedy_decode, prefix_cache, reference_decode
-from selective_attention.needle.detect import retrieval_scores
+from selective_attention.retrieval.generate import cropped, greedy_decode, prefix_cache, reference_decode
+from selective_attention.retrieval.detect import retrieval_scores
 from selective_attention.registry import REGISTRY
 from tests.conftest import build_tiny, tiny_llama_config
 

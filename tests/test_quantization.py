@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from selective_attention import quantization
+from selective_attention.loading import quantization
 from selective_attention.heads import load_sidecar
-from selective_attention.loading import load_model
-from selective_attention.masking import mask_heads
-from selective_attention.needle.detect import DetectConfig, detect
-from selective_attention.needle.needles import resolve_needles
-from selective_attention.quantization import MissingBackendError, describe, quantize_model
+from selective_attention.loading.loader import load_model
+from selective_attention.heads.masking import mask_heads
+from selective_attention.retrieval.detect import DetectConfig, detect
+from selective_attention.retrieval.needles import resolve_needles
+from selective_attention.loading.quantization import MissingBackendError, describe, quantize_model
 from tests.conftest import build_tiny, tiny_llama_config
 
 pytest.importorskip("torchao", reason="torchao is the CPU quantization backend (a package dependency)")

@@ -200,7 +200,7 @@ def test_classification_head_trains_lora_and_score(tmp_path, tiny_model_dir):
 
 
 def test_convert_then_finetune(tmp_path, tiny_model_dir):
-    """`convert_kv_heads` runs selective_attention.models.convert first and fine-tunes the converted model."""
+    """`convert_kv_heads` runs selective_attention.gqa.convert first and fine-tunes the converted model."""
     config = tiny_run(tmp_path, tiny_model_dir, evaluate_before=False, convert_kv_heads="1:1", convert_method="mean",
                       convert_calibration_tokens=64, max_steps=1, per_device_train_batch_size=4)
     metrics = run_finetune(*config)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from selective_attention.heads import load_head_scores, select_heads
-from selective_attention.needle.languages import get_language
+from selective_attention.retrieval.languages import get_language
 from selective_attention.recipes import (NEEDLE_ARGUMENTS, NeedleRecipeArguments, command_line, parse_config,
                                          run_needle_recipe)
 

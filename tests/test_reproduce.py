@@ -26,7 +26,7 @@ def _config(tmp_path, model_dir, **values) -> ReproduceConfig:
                       "convert_calibration_tokens": 32}],
         "masked_eval": {"counts": [0, 2], "max_new_tokens": 2, "batch_size": 4},
         "masked_eval_orders": ["top"],
-        "tree_ppl": ["--context", "32", "--windows", "1", "--methods", "dense", "topk", "--fractions", "0.5"],
+        "tree_ppl": {"context": 32, "windows": 1, "methods": ["dense", "topk"], "fractions": [0.5]},
     }
     settings.update(values)
     return load_reproduce_config(None, settings)

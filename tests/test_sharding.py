@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 from transformers import AutoTokenizer
 
 from selective_attention.heads import load_sidecar
-from selective_attention.needle.needles import resolve_needles
-from selective_attention.sharding import Shard, part_path, part_paths
+from selective_attention.retrieval.needles import resolve_needles
+from selective_attention.distributed.sharding import Shard, part_path, part_paths
 from tests.conftest import build_tiny, tiny_llama_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +48,9 @@ def free_port() -> int:
 
 def run_grid(kind: str, model_dir: Path, output: Path, shard: Shard | None = None):
     """The detect or needle grid of these tests, in this process."""
-    from selective_attention.loading import load_model
-    from selective_attention.needle.detect import DetectConfig, detect
-    from selective_attention.needle.evaluate import NeedleConfig, run_needle_grid
+    from selective_attention.loading.loader import load_model
+    from selective_attention.retrieval.detect import DetectConfig, detect
+    from selective_attention.retrieval.evaluate import NeedleConfig, run_needle_grid
 
     model, tokenizer = load_model(model_dir, dtype="auto")
     if kind == "detect":
@@ -65,10 +65,10 @@ def _process(rank: int, world: int, port: int, kind: str, model_dir: str, output
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
-    from selective_attention import sharding
+    from selective_attention.distributed import sharding
 
     if rank == die:  # a hard crash right after this process's first result reached the disk
-        module = importlib.import_module(f"selective_attention.needle.{'detect' if kind == 'detect' else 'evaluate'}")
+        module = importlib.import_module(f"selective_attention.retrieval.{'detect' if kind == 'detect' else 'evaluate'}")
         name = "write_part" if kind == "detect" else "_write_json"
         write = getattr(module, name)
 
@@ -166,7 +166,7 @@ def test_each_process_gets_its_own_gpus(monkeypatch):
     --device-map auto (max_memory limited to the slice, CPU kept); nothing changes in a single process."""
     import accelerate.utils
 
-    from selective_attention.sharding import place
+    from selective_attention.distributed.sharding import place
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)

@@ -15,9 +15,9 @@ from selective_attention.attention.probe import probing
 from selective_attention.tree_kernel import TreeKernelConfig, configure_tree_kernel
 from selective_attention.heads import load_sidecar
 from selective_attention.modeling import cache_kwargs
-from selective_attention.needle.detect import DetectConfig, detect, retrieval_scores
-from selective_attention.needle.generate import cropped, greedy_decode, prefix_cache, reference_decode
-from selective_attention.needle.needles import resolve_needles
+from selective_attention.retrieval.detect import DetectConfig, detect, retrieval_scores
+from selective_attention.retrieval.generate import cropped, greedy_decode, prefix_cache, reference_decode
+from selective_attention.retrieval.needles import resolve_needles
 from tests.conftest import build_tiny
 
 WINDOW = 8

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import sys
 
-import matplotlib
+import matplotlib.pyplot as plt
+import pytest
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pytest  # noqa: E402
-
-from selective_attention import quantization, tracking  # noqa: E402
-from selective_attention.tracking import (MissingBackendError, TrackingConfig, check_backend, log_trial,  # noqa: E402
-                                          make_tracker)
+from selective_attention.loading import quantization
+from selective_attention.retrieval import tracking
+from selective_attention.retrieval.tracking import (MissingBackendError, TrackingConfig, check_backend, log_trial,
+                                                    make_tracker)
 
 
 @pytest.fixture

@@ -185,7 +185,7 @@ def test_seed_descent_on_real_keys_stays_in_the_tree(embedded_model_dir):
     exist in the tree (IndexError at 1024 tokens, alignment E=0.7)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from selective_attention.needle.corpus import load_haystack_text
+    from selective_attention.retrieval.corpus import load_haystack_text
 
     tokenizer = AutoTokenizer.from_pretrained(embedded_model_dir)
     model = AutoModelForCausalLM.from_pretrained(embedded_model_dir, dtype=torch.float32)

@@ -124,7 +124,7 @@ def test_bad_candidates():
 
 
 def test_full_budget_equals_the_sliding_window_model_prefill_and_decode():
-    from selective_attention.needle.generate import greedy_decode
+    from selective_attention.retrieval.generate import greedy_decode
     from selective_attention.tree_kernel import configure_tree_kernel
 
     from .test_sliding_window import _prompt, tiny_mistral

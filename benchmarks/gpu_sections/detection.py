@@ -17,7 +17,7 @@ import time
 import torch
 
 from selective_attention.attention.probe import probing
-from selective_attention.needle.generate import Decoded, greedy_decode, reference_decode
+from selective_attention.retrieval.generate import Decoded, greedy_decode, reference_decode
 
 from .common import Suite, check, is_oom, peak_memory, random_ids, random_model, synchronize
 

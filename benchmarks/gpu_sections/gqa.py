@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from selective_attention.modeling import cache_kwargs
-from selective_attention.models.convert import convert_model
+from selective_attention.gqa.convert import convert_model
 
 from .common import Suite, check, decode_ms, random_ids
 

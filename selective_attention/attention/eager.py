@@ -7,12 +7,17 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 
-def repeat_kv(hidden: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, Hkv, L, D) -> (B, Hkv * n_rep, L, D), query head h reading KV head h // n_rep."""
+# Copied from transformers.models.llama.modeling_llama.repeat_kv
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """
+    This is the equivalent of torch.repeat_interleave(x, dim=1, repeats=n_rep). The hidden states go from (batch,
+    num_key_value_heads, seqlen, head_dim) to (batch, num_attention_heads, seqlen, head_dim)
+    """
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
     if n_rep == 1:
-        return hidden
-    batch, heads, length, dim = hidden.shape
-    return hidden[:, :, None].expand(batch, heads, n_rep, length, dim).reshape(batch, heads * n_rep, length, dim)
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
 
 
 def eager_attention_forward(

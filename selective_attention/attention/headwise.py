@@ -1,7 +1,7 @@
 """`sa_headwise_sdpa`: head-wise attention (full KV heads see every key, streaming KV heads a sink and a recent
 window) registered for any model that uses `AttentionInterface`, with `mask_heads` working on top.
 
-The kernel lives in `selective_attention/models/headwise_attention_selective_llama.py`, self-contained so that
+The kernel lives in `selective_attention/gqa/headwise_attention_selective_llama.py`, self-contained so that
 `selective_llama` checkpoints carry it; `selective_attention.cache` attaches the plans and builds the cache.
 """
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from ..models.headwise_attention_selective_llama import (
+from selective_attention.gqa.headwise_attention_selective_llama import (
     LAYER_ATTRIBUTE,
     PLAN_ATTRIBUTE,
     HeadwisePlan,

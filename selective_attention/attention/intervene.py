@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..modeling import attention_modules, check_attention_interface, text_config
+from selective_attention.modeling import attention_modules, check_attention_interface, text_config
 
 #: Attribute of the model holding its stack of active interventions (innermost last).
 STACK_ATTRIBUTE = "_sa_interventions"
@@ -23,11 +23,13 @@ STACK_ATTRIBUTE = "_sa_interventions"
 class Intervention:
     """An active intervention; `remove()` (or leaving its `with` block) restores what it replaced."""
 
-    def __init__(self, model: nn.Module, attribute: str, saved_modules: list[tuple[nn.Module, Any]],
-                 saved_config: dict[str, Any], previous_implementation: str | None, name: str) -> None:
+    def __init__(self, model: nn.Module, attribute: str, modules: list[tuple[int, nn.Module]],
+                 saved_modules: list[tuple[nn.Module, Any]], saved_config: dict[str, Any],
+                 previous_implementation: str | None, name: str) -> None:
         self.model = model
         self.attribute = attribute
         self.name = name
+        self._modules = modules
         self._saved_modules = saved_modules
         self._saved_config = saved_config
         self._previous_implementation = previous_implementation
@@ -52,6 +54,20 @@ class Intervention:
         stack.pop()
         self.active = False
 
+    def update(self, value_for_layer: Callable[[int], Any], config: dict[str, Any] | None = None) -> None:
+        """Replace the attached values (and text-config entries) in place, wherever this intervention sits in the
+        stack; `remove()` still restores what was there before it began."""
+        if not self.active:
+            raise RuntimeError(f"{self.name!r} was removed")
+        values = {layer: value_for_layer(layer) for layer in {layer for layer, _ in self._modules}}
+        for layer, module in self._modules:
+            setattr(module, self.attribute, values[layer])
+        text = text_config(self.model)
+        for key, value in (config or {}).items():
+            if key not in self._saved_config:
+                self._saved_config[key] = getattr(text, key, None)
+            setattr(text, key, value)
+
     def __enter__(self) -> Intervention:
         return self
 
@@ -64,10 +80,11 @@ class Intervention:
 
 def intervene(model: nn.Module, attribute: str, value_for_layer: Callable[[int], Any],
               implementation: str | None = None, config: dict[str, Any] | None = None,
-              name: str | None = None) -> Intervention:
+              name: str | None = None, handle: type[Intervention] = Intervention) -> Intervention:
     """Set `attribute` on every attention module to `value_for_layer(layer)`, the text config's entries `config`,
     and switch the model to `implementation` (None: keep the current one). Checks the model before changing
-    anything; the returned handle restores all of it."""
+    anything; the returned handle (of class `handle`, a subclass of `Intervention` for typed handles) restores all
+    of it."""
     check_attention_interface(model)
     modules = attention_modules(model)
     values = {layer: value_for_layer(layer) for layer in modules}  # computed first: a failing value changes nothing
@@ -82,14 +99,20 @@ def intervene(model: nn.Module, attribute: str, value_for_layer: Callable[[int],
         setattr(text, key, value)
     if implementation is not None and previous != implementation:
         model.set_attn_implementation(implementation)
-    handle = Intervention(model, attribute, saved_modules, saved_config,
+    layered = [(layer, module) for layer, ms in modules.items() for module in ms]
+    intervention = handle(model, attribute, layered, saved_modules, saved_config,
                           previous if implementation is not None else None, name or attribute)
     stack = getattr(model, STACK_ATTRIBUTE, None)
     if stack is None:
         stack = []
         object.__setattr__(model, STACK_ATTRIBUTE, stack)  # a plain list, not a submodule or buffer
-    stack.append(handle)
-    return handle
+    stack.append(intervention)
+    return intervention
+
+
+def active_intervention(model: nn.Module, attribute: str) -> Intervention | None:
+    """The innermost active intervention on `attribute`, if any."""
+    return next((h for h in reversed(active_interventions(model)) if h.attribute == attribute), None)
 
 
 def active_interventions(model: nn.Module) -> list[Intervention]:

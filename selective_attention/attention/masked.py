@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from .eager import eager_attention_forward
+from selective_attention.attention.eager import eager_attention_forward
 
 MASK_MODES = ("zero", "uniform", "mean")
 MASK_ATTRIBUTE = "sa_head_mask"

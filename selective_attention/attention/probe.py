@@ -17,9 +17,9 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .eager import exact_attention_forward
-from .intervene import intervene
-from .masked import masked
+from selective_attention.attention.eager import exact_attention_forward
+from selective_attention.attention.intervene import intervene
+from selective_attention.attention.masked import masked
 
 PROBE_NAME = "sa_probe"
 PROBE_ATTRIBUTE = "sa_probe_recorder"

@@ -11,8 +11,8 @@ from __future__ import annotations
 from torch import nn
 from transformers import AttentionInterface
 
-from .eager import eager_attention_forward
-from .masked import MASK_ATTRIBUTE, masked
+from selective_attention.attention.eager import eager_attention_forward
+from selective_attention.attention.masked import MASK_ATTRIBUTE, masked
 
 RECORD_ATTRIBUTE = "sa_record"
 NAME = "sa_record"

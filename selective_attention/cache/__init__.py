@@ -1,16 +1,16 @@
 """Head-wise KV cache: retrieval KV heads keep the whole context, the others a sink and a recent window."""
 
-from ..models.headwise_cache_selective_llama import HeadwiseLayer
-from .headwise import (
+from selective_attention.cache.headwise import (
     HeadwiseCache,
     HeadwiseHandle,
+    attach_headwise,
     cache_bytes,
     dense_attention,
     headwise_cache,
     prefill,
 )
-from .policy import HeadwisePolicy
-from .selection import (
+from selective_attention.cache.policy import HeadwisePolicy
+from selective_attention.cache.selection import (
     Budget,
     headwise_policy,
     kv_budget,
@@ -18,6 +18,7 @@ from .selection import (
     load_duo_pattern,
     select_full_kv_heads,
 )
+from selective_attention.gqa.headwise_cache_selective_llama import HeadwiseLayer
 
 __all__ = [
     "Budget",
@@ -25,6 +26,7 @@ __all__ = [
     "HeadwiseHandle",
     "HeadwiseLayer",
     "HeadwisePolicy",
+    "attach_headwise",
     "cache_bytes",
     "dense_attention",
     "headwise_cache",

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..heads import check_head_scores, load_head_scores, load_sidecar, mean_scores
-from .selection import SELECTION_METHODS, full_count, select_full_kv_heads
+from selective_attention.cache.selection import SELECTION_METHODS, full_count, select_full_kv_heads
+from selective_attention.heads.scores import (
+    check_head_scores,
+    load_checked_head_scores,
+    mean_scores,
+)
 
 
 def headwise_request(scores=None, *, full: int | float | None = 0.25, threshold: float | None = None, sink: int = 64,
@@ -33,9 +37,7 @@ def headwise_request(scores=None, *, full: int | float | None = 0.25, threshold:
     if method == "top" and scores is None and not trivial:
         raise ValueError("selecting retrieval KV heads needs head scores (a head-score file)")
     if isinstance(scores, (str, Path)):
-        loaded = load_head_scores(scores)
-        check_head_scores(loaded, num_layers, num_heads, load_sidecar(scores), source=str(scores))
-        scores = loaded
+        scores = load_checked_head_scores(scores, num_layers, num_heads)
     elif scores is not None:
         check_head_scores(scores, num_layers, num_heads, source="head scores")
     return dict(scores=scores, full=full, threshold=threshold, sink=sink, window=window, method=method, seed=seed)

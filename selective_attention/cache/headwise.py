@@ -12,64 +12,48 @@ model attends through `sa_headwise_sdpa`, with the policy's plan on every attent
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
-from ..attention.headwise import NAME, PLAN_ATTRIBUTE
-from ..modeling import (
+from selective_attention.attention.headwise import NAME, PLAN_ATTRIBUTE
+from selective_attention.attention.intervene import Intervention, intervene
+from selective_attention.cache.policy import HeadwisePolicy, model_shape
+from selective_attention.cache.selection import headwise_policy
+from selective_attention.gqa.headwise_cache_selective_llama import HeadwiseLayer
+from selective_attention.modeling import (
     attention_modules,
     cache_kwargs,
     cache_layer_types,
     check_attention_interface,
 )
-from ..models.headwise_cache_selective_llama import HeadwiseLayer
-from .policy import HeadwisePolicy, model_shape
-from .selection import headwise_policy
 
 logger = logging.getLogger(__name__)
 
 
-class HeadwiseHandle:
-    """Attaches a policy's plans to a model's attention modules and switches it to `sa_headwise_sdpa`;
+class HeadwiseHandle(Intervention):
+    """Returned by `attach_headwise`: an `Intervention` that also holds the policy whose plans it attached."""
+
+    policy: HeadwisePolicy
+
+
+def attach_headwise(model: PreTrainedModel, policy: HeadwisePolicy) -> HeadwiseHandle:
+    """Attach `policy`'s plans to the model's attention modules and switch it to `sa_headwise_sdpa`; the handle's
     `remove()` restores the previous plans and attention implementation."""
-
-    def __init__(self, model: PreTrainedModel, policy: HeadwisePolicy) -> None:
-        check_attention_interface(model)
-        policy.check_model(model)
-        num_layers, num_heads, num_kv_heads = model_shape(model)
-        modules = attention_modules(model)
-        missing = sorted(set(range(num_layers)) - set(modules))
-        if missing:
-            raise ValueError(f"no attention module found for layer(s) {missing}")
-        self.model, self.policy = model, policy
-        self._previous = [(m, getattr(m, PLAN_ATTRIBUTE, None)) for ms in modules.values() for m in ms]
-        self._implementation = model.config._attn_implementation
-        for layer, layer_modules in modules.items():
-            for module in layer_modules:
-                setattr(module, PLAN_ATTRIBUTE, policy.plan(layer, num_heads // num_kv_heads))
-        if self._implementation != NAME:
-            model.set_attn_implementation(NAME)
-            logger.info("attention %s -> %s (%s)", self._implementation, NAME, policy.describe())
-        self._removed = False
-
-    def remove(self) -> None:
-        if self._removed:
-            return
-        for module, plan in self._previous:
-            setattr(module, PLAN_ATTRIBUTE, plan)
-        if self.model.config._attn_implementation != self._implementation:
-            self.model.set_attn_implementation(self._implementation)
-        self._removed = True
-
-    def __enter__(self) -> HeadwiseHandle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    check_attention_interface(model)
+    policy.check_model(model)
+    num_layers, num_heads, num_kv_heads = model_shape(model)
+    missing = sorted(set(range(num_layers)) - set(attention_modules(model)))
+    if missing:
+        raise ValueError(f"no attention module found for layer(s) {missing}")
+    previous = model.config._attn_implementation
+    handle = intervene(model, PLAN_ATTRIBUTE, lambda layer: policy.plan(layer, num_heads // num_kv_heads), NAME,
+                       name=f"headwise({policy.describe()})", handle=HeadwiseHandle)
+    handle.policy = policy
+    if previous != NAME:
+        logger.info("attention %s -> %s (%s)", previous, NAME, policy.describe())
+    return handle
 
 
 class HeadwiseCache(Cache):
@@ -102,7 +86,7 @@ class HeadwiseCache(Cache):
     @classmethod
     def from_dynamic(cls, dynamic: DynamicCache, policy: HeadwisePolicy, config) -> HeadwiseCache:
         """A head-wise cache holding what `dynamic` holds, trimmed. Exact only when `dynamic` was filled with the
-        same policy's plans attached (e.g. a shared prefix computed under `HeadwiseHandle`) and without padding."""
+        same policy's plans attached (e.g. a shared prefix computed under `attach_headwise`) and without padding."""
         cache = cls(policy, config)
         for index, (source, target) in enumerate(zip(dynamic.layers, cache.layers)):
             if type(source) is not DynamicLayer or not source.is_initialized:
@@ -149,8 +133,7 @@ def headwise_cache(model: PreTrainedModel, scores=None, *, full: int | float | N
     if policy is None:
         policy = headwise_policy(model, scores, full=full, threshold=threshold, sink=sink, window=window,
                                  method=method, seed=seed)
-    handle = HeadwiseHandle(model, policy)
-    return HeadwiseCache(policy, model.config, handle)
+    return HeadwiseCache(policy, model.config, attach_headwise(model, policy))
 
 
 def prefill(model: PreTrainedModel, cache: Cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -186,20 +169,12 @@ def parse_full(text: str | int | float) -> int | float:
         raise ValueError(f"full KV heads must be a count (e.g. 23) or a fraction (e.g. 0.25), got {text!r}") from None
 
 
-@contextmanager
-def dense_attention(model: PreTrainedModel) -> Iterator[None]:
-    """Every KV head attends to every position while inside: the head-wise plans are detached from the attention
-    modules (and put back on exit), so a forward into a `DynamicCache` is the dense model's. Used for a dense
-    prefill whose cache is trimmed afterwards (`trial_cache(dense_prefill=True)`)."""
-    modules = [module for layer_modules in attention_modules(model).values() for module in layer_modules]
-    saved = [(module, getattr(module, PLAN_ATTRIBUTE, None)) for module in modules]
-    for module in modules:
-        setattr(module, PLAN_ATTRIBUTE, None)
-    try:
-        yield
-    finally:
-        for module, plan in saved:
-            setattr(module, PLAN_ATTRIBUTE, plan)
+def dense_attention(model: PreTrainedModel) -> Intervention:
+    """Every KV head attends to every position until the returned intervention is removed (use it as a `with`
+    block): the head-wise plans are detached from the attention modules and put back on exit, so a forward into a
+    `DynamicCache` is the dense model's. Used for a dense prefill whose cache is trimmed afterwards
+    (`trial_cache(dense_prefill=True)`)."""
+    return intervene(model, PLAN_ATTRIBUTE, lambda layer: None, name="dense_attention")
 
 
 def trial_cache(model: PreTrainedModel, policy: HeadwisePolicy, shared: DynamicCache | None, cached: int,

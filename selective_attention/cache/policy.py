@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedModel
 
-from ..attention.headwise import HeadwisePlan
-from ..modeling import cache_layer_types, text_config
+from selective_attention.attention.headwise import HeadwisePlan
+from selective_attention.modeling import cache_layer_types, text_config
 
 
 def layer_types(config) -> list[str]:

@@ -16,15 +16,14 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from ..heads import (
+from selective_attention.cache.policy import HeadwisePolicy, layer_types, model_shape
+from selective_attention.heads.scores import (
     HeadScores,
     check_head_scores,
-    load_head_scores,
-    load_sidecar,
+    load_checked_head_scores,
     mean_scores,
 )
-from ..modeling import text_config
-from .policy import HeadwisePolicy, layer_types, model_shape
+from selective_attention.modeling import text_config
 
 SELECTION_METHODS = ("top", "random")
 KVScores = list[list[float]]  # [layer][kv_head]
@@ -61,9 +60,8 @@ def resolve_kv_scores(model: PreTrainedModel, scores) -> KVScores:
         path = Path(scores)
         if path.suffix == ".tsv":
             return _checked_matrix(load_duo_pattern(path), num_layers, num_kv_heads, str(path))
-        loaded = load_head_scores(path)
-        check_head_scores(loaded, num_layers, num_heads, load_sidecar(path), source=str(path))
-        return kv_head_scores(loaded, num_layers, num_heads, num_kv_heads)
+        return kv_head_scores(load_checked_head_scores(path, num_layers, num_heads), num_layers, num_heads,
+                              num_kv_heads)
     if isinstance(scores, dict):
         check_head_scores(scores, num_layers, num_heads, source="head scores")
         return kv_head_scores(scores, num_layers, num_heads, num_kv_heads)

@@ -2,7 +2,7 @@
 
 ROUGE-1 recall x 100 of the target (the needle sentence, or the expected answer) in each prediction, tokenized the
 way the needle test's language needs (stemmed English as the Retrieval_Head reference scores it, jieba for Chinese,
-Unicode words for German; see `selective_attention.needle.languages`). It is the same function the `needle` and `detect`
+Unicode words for German; see `selective_attention.retrieval.languages`). It is the same function the `needle` and `detect`
 commands score with. The module is a local file, so it loads offline:
 
     import evaluate
@@ -14,14 +14,14 @@ commands score with. The module is a local file, so it loads offline:
 import datasets
 import evaluate
 
-from selective_attention.needle.languages import get_language, supported_languages
+from selective_attention.retrieval.languages import get_language, supported_languages
 
 _DESCRIPTION = "ROUGE-1 recall x 100 of the needle in each answer, tokenized per language."
 _INPUTS = """
 Args:
     predictions: the model's answers (strings).
     references: the needle sentences or expected answers (strings), one per prediction.
-    language: language code of the needles (one of selective_attention.needle.languages.supported_languages()).
+    language: language code of the needles (one of selective_attention.retrieval.languages.supported_languages()).
 Returns:
     score: mean over the pairs; scores: one per pair.
 """

@@ -1,6 +1,6 @@
 """Attention-map figures: every head of a layer, one head across layers, head averages, before/after an intervention.
 
-Maps are {layer: (heads, queries, keys)} weights, as `selective_attention.attention_maps.attention_maps` returns.
+Maps are {layer: (heads, queries, keys)} weights, as `selective_attention.attention.maps.attention_maps` returns.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from .figure import save_figure
+from selective_attention.plots.figure import save_figure
 
 LABELLED_TOKENS = 48  # above this many tokens, axes show positions instead of token strings
 

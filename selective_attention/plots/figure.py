@@ -8,7 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from ..io import atomic_path
+from selective_attention.io import atomic_path
 
 DPI = 110
 

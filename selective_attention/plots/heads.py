@@ -8,11 +8,13 @@ from typing import TYPE_CHECKING
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ..heads import HeadScores, head_key, mean_scores, rank_heads
-from .figure import save_figure
+from selective_attention.heads.ids import head_key
+from selective_attention.heads.scores import HeadScores, mean_scores
+from selective_attention.heads.selection import rank_heads
+from selective_attention.plots.figure import save_figure
 
 if TYPE_CHECKING:  # the comparison module computes, this one draws
-    from ..compare import Comparison
+    from selective_attention.heads.compare import Comparison
 
 
 def head_matrix(scores: HeadScores, num_layers: int | None = None, num_heads: int | None = None) -> np.ndarray:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from .figure import save_figure
+from selective_attention.plots.figure import save_figure
 
 
 def plot_kernel_estimates(results: dict[str, dict], cosines: list[float], methods: list[str], output: str | Path,

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import LinearSegmentedColormap
 
-from .figure import save_figure
+from selective_attention.plots.figure import save_figure
 
 #: Red (fails) to green (retrieved), as in LLMTest_NeedleInAHaystack's figures.
 NIAH_CMAP = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"])

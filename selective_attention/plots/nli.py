@@ -6,7 +6,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from .figure import save_figure
+from selective_attention.plots.figure import save_figure
 
 
 def plot_masked_accuracy(rows: list[dict], output: str | Path, title: str, chance: float) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .figure import save_figure
+from selective_attention.plots.figure import save_figure
 
 
 def cumulative_perplexity(nll: list[float]) -> np.ndarray:

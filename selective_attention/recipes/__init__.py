@@ -5,12 +5,18 @@ values or command-line flags (`parse_config`, `command_line`); `TrainingArgument
 used as they are. The scripts under `recipes/` only parse, call `run_*` and print.
 """
 
-from .arguments import (FINETUNE_ARGUMENTS, MASKED_EVAL_ARGUMENTS, DataArguments, FinetuneArguments,
-                        MaskedEvalArguments, ModelArguments)
-from .finetune import run_finetune
-from .masked_eval import run_masked_eval
-from .needle_pipeline import NEEDLE_ARGUMENTS, NeedleRecipeArguments, run_needle_recipe
-from .parsing import command_line, parse_config
+from selective_attention.recipes.arguments import (
+                        FINETUNE_ARGUMENTS,
+                        MASKED_EVAL_ARGUMENTS,
+                        DataArguments,
+                        FinetuneArguments,
+                        MaskedEvalArguments,
+                        ModelArguments,
+)
+from selective_attention.recipes.finetune import run_finetune
+from selective_attention.recipes.masked_eval import run_masked_eval
+from selective_attention.recipes.needle_pipeline import NEEDLE_ARGUMENTS, NeedleRecipeArguments, run_needle_recipe
+from selective_attention.recipes.parsing import command_line, parse_config
 
 __all__ = [
     "DataArguments", "FINETUNE_ARGUMENTS", "FinetuneArguments", "MASKED_EVAL_ARGUMENTS", "MaskedEvalArguments",

@@ -11,10 +11,10 @@ from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
-from .. import MASK_MODES
-from ..loading import DTYPES
-from ..models.convert import METHODS as CONVERT_METHODS
-from .parsing import CheckedArguments, YamlMapping
+from selective_attention.attention.masked import MASK_MODES
+from selective_attention.gqa.convert import METHODS as CONVERT_METHODS
+from selective_attention.loading.loader import DTYPES
+from selective_attention.recipes.parsing import CheckedArguments, YamlMapping
 
 HEADS = ("generative", "classification")
 SPLITS = ("eval", "test")

@@ -15,13 +15,13 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
-from ..masking import mask_heads
-from ..models.convert import convert_model
-from . import nli, nli_data
-from .arguments import DataArguments, FinetuneArguments, ModelArguments
-from .io import RUN_MARKER, prepare_output_dir, write_json, write_jsonl
-from .parsing import settings
-from .predict import load_nli_model, model_source, predict
+from selective_attention.gqa.convert import convert_model
+from selective_attention.heads.masking import mask_heads
+from selective_attention.recipes import nli, nli_data
+from selective_attention.recipes.arguments import DataArguments, FinetuneArguments, ModelArguments
+from selective_attention.recipes.io import RUN_MARKER, prepare_output_dir, write_json, write_jsonl
+from selective_attention.recipes.parsing import settings
+from selective_attention.recipes.predict import load_nli_model, model_source, predict
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def _source(data: DataArguments) -> str:
 
 
 def _convert(model: ModelArguments, recipe: FinetuneArguments, output_dir: Path, state) -> Path:
-    """Variable-group GQA conversion by `selective_attention.models.convert` (main process writes, others wait)."""
+    """Variable-group GQA conversion by `selective_attention.gqa.convert` (main process writes, others wait)."""
     target = (output_dir / "converted").resolve()  # absolute: the adapter records it as its base model
     if state.is_main_process:
         _, report = convert_model(model_source(model.model), recipe.convert_kv_heads, recipe.convert_method,

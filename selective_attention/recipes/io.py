@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..io import write_text
+from selective_attention.io import write_text
 
 #: Written first by every recipe run; marks a directory the recipes may replace with --overwrite.
 RUN_MARKER = "run_config.json"

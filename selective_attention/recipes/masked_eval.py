@@ -12,15 +12,17 @@ import logging
 import time
 from pathlib import Path
 
-from ..heads import (check_head_scores, head_key, load_head_scores, load_sidecar, parse_head, select_heads)
-from ..masking import mask_heads
-from ..modeling import text_config
-from ..plots.nli import plot_masked_accuracy
-from . import nli, nli_data
-from .arguments import DataArguments, MaskedEvalArguments, ModelArguments
-from .io import RUN_MARKER, prepare_output_dir, write_json, write_text
-from .parsing import settings
-from .predict import load_nli_model, model_source, predict
+from selective_attention.heads.ids import head_key, parse_head
+from selective_attention.heads.masking import mask_heads
+from selective_attention.heads.scores import check_head_scores, load_head_scores, load_sidecar
+from selective_attention.heads.selection import select_heads
+from selective_attention.modeling import text_config
+from selective_attention.plots.nli import plot_masked_accuracy
+from selective_attention.recipes import nli, nli_data
+from selective_attention.recipes.arguments import DataArguments, MaskedEvalArguments, ModelArguments
+from selective_attention.recipes.io import RUN_MARKER, prepare_output_dir, write_json, write_text
+from selective_attention.recipes.parsing import settings
+from selective_attention.recipes.predict import load_nli_model, model_source, predict
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The retrieval experiments in one YAML-driven run: detect retrieval heads -> needle grid per mask -> plots.
 
-Reuses `selective_attention.needle` (detection, NIAH grid with head masks) and `selective_attention.plots`.
+Reuses `selective_attention.retrieval` (detection, NIAH grid with head masks) and `selective_attention.plots`.
 Every stage resumes: detection keeps finished trials in head_scores.json, the needle grid keeps finished points,
 so re-running the same config picks up where it stopped. A different config in the same directory is refused
 unless --overwrite. Language, chat and scoring options have the names of the `needle` command's flags.
@@ -15,16 +15,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .. import MASK_MODES, assets, plots
-from ..heads import load_head_scores
-from ..needle.languages import get_language, supported_languages
-from ..loading import DTYPES, load_model
-from ..modeling import text_config
-from ..needle import DetectConfig, NeedleConfig, detect, run_needle_grid
-from ..needle.detect import METHODS as DETECT_METHODS
-from ..needle.evaluate import SCORE_TARGETS
-from .io import RUN_MARKER, prepare_output_dir, write_json, write_text
-from .parsing import CheckedArguments, settings
+from selective_attention import plots
+from selective_attention.attention.masked import MASK_MODES
+from selective_attention.heads.scores import load_head_scores
+from selective_attention.loading import assets
+from selective_attention.loading.loader import DTYPES, load_model
+from selective_attention.modeling import text_config
+from selective_attention.recipes.io import RUN_MARKER, prepare_output_dir, write_json, write_text
+from selective_attention.recipes.parsing import CheckedArguments, settings
+from selective_attention.retrieval import DetectConfig, NeedleConfig, detect, run_needle_grid
+from selective_attention.retrieval.detect import METHODS as DETECT_METHODS
+from selective_attention.retrieval.evaluate import SCORE_TARGETS
+from selective_attention.retrieval.languages import get_language, supported_languages
 
 logger = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .nli import FIELDS, NLIExample, label_id
+from selective_attention.recipes.nli import FIELDS, NLIExample, label_id
 
 if TYPE_CHECKING:
-    from .arguments import DataArguments
+    from selective_attention.recipes.arguments import DataArguments
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,23 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          PreTrainedTokenizerBase)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 
-from .. import assets
-from ..loading import resolve_dtype
-from .nli import INVALID, LABELS, NLIExample, classification_features, generation_prompt, parse_label
+from selective_attention.loading import assets
+from selective_attention.loading.loader import resolve_dtype
+from selective_attention.recipes.nli import (
+    INVALID,
+    LABELS,
+    NLIExample,
+    classification_features,
+    generation_prompt,
+    parse_label,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ Modules: `config` (methods, budget rule, cost counters), `key_tree` (incremental
 registered function and `configure_tree_kernel`).
 """
 
-from .attention import NAME, configure_tree_kernel, tree_attention, tree_kernel_attention
-from .config import METHODS, SAMPLED_METHODS, TreeKernelConfig, TreeStats
+from selective_attention.tree_kernel.attention import NAME, configure_tree_kernel, tree_attention, tree_kernel_attention
+from selective_attention.tree_kernel.config import METHODS, SAMPLED_METHODS, TreeKernelConfig, TreeStats
 
 __all__ = ["METHODS", "NAME", "SAMPLED_METHODS", "TreeKernelConfig", "TreeStats", "configure_tree_kernel",
            "tree_attention", "tree_kernel_attention"]

@@ -1,48 +1,65 @@
 """The attention function registered as `sa_tree_kernel`, and `configure_tree_kernel` that switches a model to it.
 
 Layers the module's `TreeKernelConfig` does not select run exact attention; head masks (`mask_heads`) still apply
-(the function is wrapped by `masked`). Each attention module carries its key trees between decode steps.
+(the function is wrapped by `masked`). `configure_tree_kernel` attaches a `TreeKernelState` to every attention
+module through `intervene`: the config, and the module's key trees, carried between decode steps.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..attention.eager import exact_attention_forward
-from ..attention.masked import masked
-from ..modeling import attention_modules, check_attention_interface, text_config
-from ..modeling import sliding_window_layers
-from .bound import flat_bound_rows
-from .bound_tree import tree_bound_rows
-from .config import FEATURE_METHODS, SAMPLED_METHODS, TreeKernelConfig
-from .feature_maps import feature_map, random_features
-from .key_tree import KeyTree
-from .ops import row_mask
-from .rescore import rescore_rows
-from .sampled import sampled_rows
-from .topk import topk_rows
+from selective_attention.attention.eager import exact_attention_forward
+from selective_attention.attention.intervene import active_intervention, intervene
+from selective_attention.attention.masked import masked
+from selective_attention.modeling import (
+    attention_modules,
+    check_attention_interface,
+    sliding_window_layers,
+    text_config,
+)
+from selective_attention.tree_kernel.bound import flat_bound_rows
+from selective_attention.tree_kernel.bound_tree import tree_bound_rows
+from selective_attention.tree_kernel.config import FEATURE_METHODS, SAMPLED_METHODS, TreeKernelConfig
+from selective_attention.tree_kernel.feature_maps import feature_map, random_features
+from selective_attention.tree_kernel.key_tree import KeyTree
+from selective_attention.tree_kernel.ops import row_mask
+from selective_attention.tree_kernel.rescore import rescore_rows
+from selective_attention.tree_kernel.sampled import sampled_rows
+from selective_attention.tree_kernel.topk import topk_rows
 
 logger = logging.getLogger(__name__)
 
 NAME = "sa_tree_kernel"
-CONFIG_ATTRIBUTE = "sa_tree_config"
-TREE_ATTRIBUTE = "_sa_key_trees"
-CONFIG_KEY = "sa_tree_kernel"
+STATE_ATTRIBUTE = "sa_tree_kernel"  # on each attention module: its TreeKernelState
+CONFIG_KEY = "sa_tree_kernel"  # in the text config: the configuration, so that saved configs record it
 
 
-def _trees(module: nn.Module) -> dict:
-    trees = getattr(module, TREE_ATTRIBUTE, None)
-    if trees is None:
-        trees = {}
-        setattr(module, TREE_ATTRIBUTE, trees)
-    return trees
+@dataclass
+class TreeKernelState:
+    """What an attention module carries: the configuration, and its key trees (fresh with every configuration)."""
+
+    config: TreeKernelConfig
+    trees: dict = field(default_factory=dict)
 
 
-def _tree(module, config: TreeKernelConfig, key, value, key_valid, q_len: int, scaling: float) -> KeyTree:
+def _trees(module: nn.Module | None, config: TreeKernelConfig) -> dict:
+    """The module's key trees (a module given to `tree_attention` without a configuration gets a state here)."""
+    if module is None:
+        return {}
+    state = getattr(module, STATE_ATTRIBUTE, None)
+    if state is None:
+        state = TreeKernelState(config)
+        setattr(module, STATE_ATTRIBUTE, state)
+    return state.trees
+
+
+def _tree(trees: dict, config: TreeKernelConfig, key, value, key_valid, q_len: int, scaling: float) -> KeyTree:
     """The module's incrementally maintained tree for this method (rebuilt when the cache does not extend it)."""
     if config.method == "rescore" or (config.method == "bound" and config.descent == "flat"):
         spec = ("bound", config.leaf_block, ("ksum", "vsum") + (("kbox",) if config.rank != "mean" else ()), None)
@@ -52,7 +69,6 @@ def _tree(module, config: TreeKernelConfig, key, value, key_valid, q_len: int, s
         kind = FEATURE_METHODS.get(config.method)
         stats = ("ksum", "vsum", "feat") if kind else ("ksum", "vsum")
         spec = ("sampled", 1, stats, (kind, key.shape[-1], config.num_features, config.seed, scaling) if kind else None)
-    trees = _trees(module)
     tree = trees.get(spec)
     if tree is None:
         feature_fn = None
@@ -68,7 +84,8 @@ def tree_kernel_attention(module: nn.Module, query: torch.Tensor, key: torch.Ten
                           attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                           **kwargs) -> tuple[torch.Tensor, None]:
     """AttentionInterface function; exact SDPA for layers the module's `TreeKernelConfig` does not select."""
-    config: TreeKernelConfig | None = getattr(module, CONFIG_ATTRIBUTE, None)
+    state: TreeKernelState | None = getattr(module, STATE_ATTRIBUTE, None)
+    config = state.config if state is not None else None
     softcap = kwargs.get("softcap")
     if config is None or config.method == "dense" or not config.applies_to(getattr(module, "layer_idx", None)):
         return exact_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
@@ -82,7 +99,7 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     """Approximate causal attention; query (B, Hq, Q, D), key/value (B, Hkv, kv, D) -> ((B, Q, Hq, Dv), None).
 
     `attention_mask`: None (causal) or a 4D bool/additive mask (B or 1, 1, Q, kv). Without `module` the key tree
-    is built from scratch (the module carries the incremental tree between decode steps). `softcap`: attention
+    is built from scratch (a configured module carries the incremental tree between decode steps). `softcap`: attention
     logit soft-capping (Gemma 2), supported by dense, topk, flat bound and rescore.
     """
     batch, q_heads, q_len, dim = query.shape
@@ -130,10 +147,9 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         return output.transpose(1, 2).contiguous().to(dtype), None
     budgets = config.budgets(visible)
     grouped = query.view(batch, kv_heads, n_rep, q_len, dim)
-    holder = module if module is not None else nn.Module()
     tree = None
     if config.method in ("bound", "rescore") + SAMPLED_METHODS:
-        tree = _tree(holder, config, key, value, key_valid, q_len, scaling)
+        tree = _tree(_trees(module, config), config, key, value, key_valid, q_len, scaling)
     outputs = []
     for start in range(0, q_len, config.row_chunk):
         stop = min(q_len, start + config.row_chunk)
@@ -159,10 +175,11 @@ tree_kernel_sdpa = masked(tree_kernel_attention)
 
 
 def configure_tree_kernel(model: nn.Module, config: TreeKernelConfig | None) -> TreeKernelConfig | None:
-    """Attach `config` to the attention modules of `model` and switch it to `sa_tree_kernel`.
+    """Attach `config` to the attention modules of `model` and switch it to `sa_tree_kernel` (an `intervene`
+    intervention; configuring again replaces the config in place, with fresh key trees).
 
-    `None` removes the configuration (the model stays on `sa_tree_kernel`, which is then exact SDPA). Head masks
-    set with `mask_heads` keep working (the function is wrapped by `masked`).
+    `None` removes the configuration and returns to the implementation the model had before. Head masks set with
+    `mask_heads` keep working (the function is wrapped by `masked`).
     """
     check_attention_interface(model)
     modules = attention_modules(model)
@@ -185,11 +202,14 @@ def configure_tree_kernel(model: nn.Module, config: TreeKernelConfig | None) -> 
                              "rescore or bound with descent='flat', or choose full-attention layers with `layers`")
         logger.info("tree kernel %s on %s layers (head dim %d)", config.method,
                     "all" if config.layers is None else len(config.layers), head_dim)
-    for layer_modules in modules.values():
-        for module in layer_modules:
-            setattr(module, CONFIG_ATTRIBUTE, config)
-            setattr(module, TREE_ATTRIBUTE, {})
-    setattr(text, CONFIG_KEY, config.to_dict() if config is not None else None)
-    if config is not None and model.config._attn_implementation != NAME:
-        model.set_attn_implementation(NAME)
+    active = active_intervention(model, STATE_ATTRIBUTE)
+    if config is None:
+        if active is not None:
+            active.remove()
+        return None
+    settings = {CONFIG_KEY: config.to_dict()}
+    if active is not None:
+        active.update(lambda layer: TreeKernelState(config), settings)
+    else:
+        intervene(model, STATE_ATTRIBUTE, lambda layer: TreeKernelState(config), NAME, settings, name=NAME)
     return config

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import TreeKernelConfig
-from .key_tree import KeyTree
-from .ops import Softmax, dot_rows, gather_nodes, reduce_heads, score_nodes
+from selective_attention.tree_kernel.config import TreeKernelConfig
+from selective_attention.tree_kernel.key_tree import KeyTree
+from selective_attention.tree_kernel.ops import Softmax, dot_rows, gather_nodes, reduce_heads, score_nodes
 
 #: up to this many query rows gather their blocks; more rows (prefill) mask one score matrix instead
 GATHER_ROWS = 8

@@ -13,10 +13,10 @@ import math
 
 import torch
 
-from .bound import local_block
-from .config import TreeKernelConfig
-from .key_tree import KeyTree, prefix_roots
-from .ops import Softmax, dot_rows, gather_counts, gather_nodes, reduce_heads
+from selective_attention.tree_kernel.bound import local_block
+from selective_attention.tree_kernel.config import TreeKernelConfig
+from selective_attention.tree_kernel.key_tree import KeyTree, prefix_roots
+from selective_attention.tree_kernel.ops import Softmax, dot_rows, gather_counts, gather_nodes, reduce_heads
 
 
 def tree_bound_rows(config: TreeKernelConfig, tree: KeyTree, key, value, key_valid, query, positions, rows, budgets,

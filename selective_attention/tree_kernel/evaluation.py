@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import assets
-from ..masking import attention_modules
-from .attention import configure_tree_kernel
-from .config import TreeKernelConfig
+from selective_attention.loading import assets
+from selective_attention.modeling import attention_modules
+from selective_attention.tree_kernel.attention import configure_tree_kernel
+from selective_attention.tree_kernel.config import TreeKernelConfig
 
 logger = logging.getLogger(__name__)
 

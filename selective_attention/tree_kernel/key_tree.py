@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+
 def _combine(stat: str, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     if stat == "kmin":
         return torch.minimum(left, right)

@@ -18,10 +18,10 @@ from torch import nn
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from ..modeling import cache_kwargs
-from ..needle.generate import cropped
-from .attention import configure_tree_kernel
-from .config import TreeKernelConfig
+from selective_attention.modeling import cache_kwargs
+from selective_attention.retrieval.generate import cropped
+from selective_attention.tree_kernel.attention import configure_tree_kernel
+from selective_attention.tree_kernel.config import TreeKernelConfig
 
 logger = logging.getLogger(__name__)
 

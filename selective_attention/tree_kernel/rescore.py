@@ -16,10 +16,25 @@ from __future__ import annotations
 
 import torch
 
-from .bound import GATHER_ROWS, BlockBounds, block_bounds, complete_blocks, local_block, rest_estimate, top_blocks
-from .config import TreeKernelConfig
-from .key_tree import KeyTree
-from .ops import IndexedValues, Softmax, dot_rows, gather_counts, gather_nodes, score_nodes
+from selective_attention.tree_kernel.bound import (
+    GATHER_ROWS,
+    BlockBounds,
+    block_bounds,
+    complete_blocks,
+    local_block,
+    rest_estimate,
+    top_blocks,
+)
+from selective_attention.tree_kernel.config import TreeKernelConfig
+from selective_attention.tree_kernel.key_tree import KeyTree
+from selective_attention.tree_kernel.ops import (
+    IndexedValues,
+    Softmax,
+    dot_rows,
+    gather_counts,
+    gather_nodes,
+    score_nodes,
+)
 
 
 def _keys_wanted(config: TreeKernelConfig, bounds: BlockBounds, budgets, visible, partial, block: int):

@@ -14,10 +14,10 @@ import math
 
 import torch
 
-from .config import EXP_SCALE_METHODS, FEATURE_METHODS, TreeKernelConfig
-from .feature_maps import feature_map, random_features
-from .key_tree import KeyTree
-from .ops import Softmax, dot_rows, gather_counts, gather_nodes, reduce_heads
+from selective_attention.tree_kernel.config import EXP_SCALE_METHODS, FEATURE_METHODS, TreeKernelConfig
+from selective_attention.tree_kernel.feature_maps import feature_map, random_features
+from selective_attention.tree_kernel.key_tree import KeyTree
+from selective_attention.tree_kernel.ops import Softmax, dot_rows, gather_counts, gather_nodes, reduce_heads
 
 
 def _leaf_log_weight(config, tree, method, query, scaling, stats, level, index, visible_len):

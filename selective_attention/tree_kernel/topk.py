@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import TreeKernelConfig
+from selective_attention.tree_kernel.config import TreeKernelConfig
 
 
 def topk_rows(config: TreeKernelConfig, key: torch.Tensor, value: torch.Tensor, query: torch.Tensor,
