@@ -30,11 +30,15 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args()
 
-    from selective_attention.heads import load_head_scores, mean_scores, save_head_scores
+    from selective_attention.heads import (
+        load_head_scores,
+        mean_scores,
+        save_head_scores,
+    )
     from selective_attention.loading import load_model
 
     torch.set_num_threads(1)
-    model, tokenizer = load_model()
+    model, _ = load_model()
     model.set_attn_implementation("eager")
     config = model.config
     layers, heads, half = config.num_hidden_layers, config.num_attention_heads, args.half

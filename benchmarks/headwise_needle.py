@@ -106,7 +106,11 @@ def dense_prefill_patch(enabled: bool):
 def run_grid(args: argparse.Namespace) -> None:
     from selective_attention.heads import EMBEDDED_MODEL_SCORES
     from selective_attention.loading import load_model
-    from selective_attention.retrieval.evaluate import MANIFEST, NeedleConfig, run_needle_grid
+    from selective_attention.retrieval.evaluate import (
+        MANIFEST,
+        NeedleConfig,
+        run_needle_grid,
+    )
     from selective_attention.retrieval.needles import resolve_needles
 
     torch.set_num_threads(args.threads)
@@ -143,8 +147,8 @@ def _folders(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 
 def report(args: argparse.Namespace) -> dict:
-    from selective_attention.retrieval.evaluate import load_manifest, load_results
     from selective_attention.plots import plot_niah
+    from selective_attention.retrieval.evaluate import load_manifest, load_results
 
     summary, plotted = {"runs": []}, []
     for name, folder in _folders(args):
