@@ -16,6 +16,7 @@ import argparse
 import logging
 import time
 
+from selective_attention.attention.masked import MASK_MODES
 from selective_attention.cache import attach_headwise, headwise_policy, kv_budget
 from selective_attention.cache.headwise import parse_full, trial_cache
 from selective_attention.cli.arguments import add_config_arguments, add_model_arguments
@@ -53,8 +54,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--head-scores", default=None,
                         help="head_scores.json for this model (default: the shipped scores of the embedded model)")
     parser.add_argument("--heads", dest="num_heads", type=int, help=argparse.SUPPRESS)  # old spelling, one release
-    parser.add_argument("--mask-mode", default="zero", choices=["zero", "uniform", "mean"])
-    parser.add_argument("--mode", dest="mask_mode", choices=["zero", "uniform", "mean"], help=argparse.SUPPRESS)
+    parser.add_argument("--mask-mode", default="zero", choices=MASK_MODES, help="how masked heads are ablated")
+    parser.add_argument("--mode", dest="mask_mode", choices=MASK_MODES, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     add_config_arguments(parser, NeedleConfig, only=KV_CACHE_FIELDS)

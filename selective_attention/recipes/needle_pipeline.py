@@ -16,17 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from selective_attention import plots
-from selective_attention.attention.masked import MASK_MODES
 from selective_attention.heads.scores import load_head_scores
 from selective_attention.loading import assets
 from selective_attention.loading.loader import DTYPES, load_model
 from selective_attention.modeling import text_config
 from selective_attention.recipes.io import RUN_MARKER, prepare_output_dir, write_json, write_text
-from selective_attention.recipes.parsing import CheckedArguments, settings
+from selective_attention.recipes.parsing import CheckedArguments, borrowed_field, settings
 from selective_attention.retrieval import DetectConfig, NeedleConfig, detect, run_needle_grid
-from selective_attention.retrieval.detect import METHODS as DETECT_METHODS
-from selective_attention.retrieval.evaluate import SCORE_TARGETS
-from selective_attention.retrieval.languages import get_language, supported_languages
+from selective_attention.retrieval.languages import get_language
 
 logger = logging.getLogger(__name__)
 
@@ -43,28 +40,20 @@ class NeedleRecipeArguments(CheckedArguments):
         "help": "HF id or local dir (converted checkpoints work); unset = the embedded SmolLM2"})
     dtype: str = field(default="float32", metadata={"help": "weights dtype", "choices": tuple(DTYPES)})
     attn_implementation: str = field(default="sdpa", metadata={"help": "base attention implementation"})
-    needles: str | None = field(default=None, metadata={
-        "help": "built-in needle names ('sf,violin'), 'all', or a JSONL file (default: the language's first needle)"})
-    haystack: str | None = field(default=None, metadata={
-        "help": "folder of .txt files, a text file or dataset:NAME[:SPLIT[:COLUMN]] (default: the language's own)"})
-    language: str = field(default="en", metadata={
-        "help": f"needle, question and ROUGE language ({', '.join(supported_languages())})"})
-    haystack_language: str | None = field(default=None, metadata={
-        "help": "haystack language when it differs from --language (cross-lingual retrieval)"})
+    needles: str | None = borrowed_field(DetectConfig, "needles", default=None)
+    haystack: str | None = borrowed_field(DetectConfig, "haystack")
+    language: str = borrowed_field(DetectConfig, "language")
+    haystack_language: str | None = borrowed_field(DetectConfig, "haystack_language")
     chat: bool = field(default=True, metadata={
         "help": "chat template when the tokenizer has one; --no-chat: plain prompt"})
-    score_against: str = field(default="needle", metadata={
-        "help": "ROUGE-1 recall of the needle sentence (reference) or of the expected answer",
-        "choices": SCORE_TARGETS})
+    score_against: str = borrowed_field(NeedleConfig, "score_against")
     detect_lengths: list[int] = field(default_factory=lambda: [500, 1000], metadata={
         "help": "detection context lengths (tokens)"})
     detect_depths: list[float] = field(default_factory=lambda: [10.0, 50.0, 90.0], metadata={
         "help": "detection needle depths (percent)"})
     detect_max_new_tokens: int = field(default=32, metadata={"help": "answer length during detection"})
-    detect_method: str = field(default="probe", metadata={
-        "help": "probe: SDPA + argmax probe (fast); reference: Retrieval_Head's eager decoding",
-        "choices": DETECT_METHODS})
-    rouge_threshold: float = field(default=0.5, metadata={"help": "a detection trial counts above this recall"})
+    detect_method: str = borrowed_field(DetectConfig, "method")
+    rouge_threshold: float = borrowed_field(DetectConfig, "rouge_threshold")
     head_scores: str | None = field(default=None, metadata={
         "help": "reuse this head-score file instead of detecting"})
     lengths: list[int] = field(default_factory=lambda: [500, 1000], metadata={
@@ -74,8 +63,8 @@ class NeedleRecipeArguments(CheckedArguments):
     max_new_tokens: int = field(default=32, metadata={"help": "answer length in the needle grid"})
     masks: list[str] = field(default_factory=lambda: ["none", "top:10", "random:10"], metadata={
         "help": "one needle grid per entry: none, top:K, bottom:K, random:K or 'L-H,L-H'"})
-    mask_mode: str = field(default="zero", metadata={"help": "how masked heads are ablated", "choices": MASK_MODES})
-    seed: int = field(default=0, metadata={"help": "seed of random:K"})
+    mask_mode: str = borrowed_field(NeedleConfig, "mask_mode")
+    seed: int = borrowed_field(NeedleConfig, "seed")
     plot_top: int = field(default=20, metadata={"help": "heads in top_heads.png"})
 
     def __post_init__(self) -> None:

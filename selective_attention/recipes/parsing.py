@@ -48,6 +48,20 @@ class CheckedArguments:
                 raise ValueError(f"unknown {spec.name} {bad[0]!r}; expected one of {', '.join(map(str, choices))}")
 
 
+def borrowed_field(config: type, name: str, **default: Any) -> Any:
+    """A recipe field declared by a task config: its help text and choices come from `config`'s field `name`
+    (e.g. `NeedleConfig.score_against`), so the recipe, the CLI flag and the library share one declaration.
+    `default=` / `default_factory=` set the recipe's own default (else the config's)."""
+    source = {spec.name: spec for spec in dataclasses.fields(config)}[name]
+    text = source.metadata.get("help", "")
+    metadata: dict[str, Any] = {"help": text() if callable(text) else text}
+    if "choices" in source.metadata:
+        metadata["choices"] = tuple(source.metadata["choices"])
+    if not default:
+        default = {"default": source.default} if source.default is not dataclasses.MISSING else {}
+    return dataclasses.field(metadata=metadata, **default)
+
+
 def _field_names(types: Sequence[type]) -> dict[str, dataclasses.Field]:
     return {spec.name: spec for cls in types for spec in dataclasses.fields(cls) if spec.init}
 

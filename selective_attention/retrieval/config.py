@@ -109,7 +109,8 @@ class NeedleConfig:
     mask: str | None = field(default=None, metadata={  # top:K | bottom:K | random:K | L-H,L-H
         "help": "heads to mask: top:K, bottom:K, random:K (seeded, never a top-K head) or 'L-H,L-H'"})
     seed: int = field(default=0, metadata={"help": "seed of random:K"})
-    mask_mode: str = field(default="zero", metadata={"choices": MASK_MODES})
+    mask_mode: str = field(default="zero", metadata={
+        "choices": MASK_MODES, "help": "how masked heads are ablated: zero output, uniform attention, mean output"})
     head_scores: str | None = field(default=None, metadata={"help": "head_scores.json from `selective-attention detect`"})
     max_new_tokens: int = 48
     haystack: str | None = field(default=None, metadata=HAYSTACK)
