@@ -104,3 +104,17 @@ def test_budget_counts_sink_and_window():
     assert budget.fraction == pytest.approx((23 * 8192 + 67 * 320) / (90 * 8192))
     assert budget.bytes_fraction == pytest.approx(budget.fraction)
     assert kv_budget(model, policy, 100).fraction == 1.0  # nothing dropped below sink + window
+
+
+def test_embedded_model_defaults_to_the_shipped_headwise_scores(tmp_path):
+    """Head-wise selection on the embedded SmolLM2 ranks by the shipped retrieval + echo + induction file (checked
+    against SmolLM2's 30 x 9 shape); an explicit file always wins; another model gets nothing by default."""
+    from selective_attention.heads import headwise_scores_path, load_checked_head_scores, mean_scores
+
+    shipped = headwise_scores_path(None, None)
+    assert shipped is not None and shipped.endswith("smollm2_headwise_scores.json")
+    assert headwise_scores_path(None, "smollm2-135m") == shipped
+    scores = load_checked_head_scores(shipped, 30, 9)
+    assert len(scores) == 270 and max(mean_scores(scores).values()) == pytest.approx(1.0)  # each score over its max
+    assert headwise_scores_path(tmp_path / "mine.json", None) == str(tmp_path / "mine.json")
+    assert headwise_scores_path(None, "meta-llama/Llama-3.2-1B-Instruct") is None

@@ -21,7 +21,7 @@ from selective_attention.cache import attach_headwise, headwise_policy, kv_budge
 from selective_attention.cache.headwise import parse_full, trial_cache
 from selective_attention.cli.arguments import add_config_arguments, add_model_arguments
 from selective_attention.heads.masking import mask_heads
-from selective_attention.heads.scores import model_head_scores
+from selective_attention.heads.scores import headwise_scores_path, model_head_scores
 from selective_attention.heads.selection import select_heads
 from selective_attention.loading.loader import load_model
 from selective_attention.modeling import text_config
@@ -124,7 +124,8 @@ def headwise_demo_policy(args: argparse.Namespace, model, scores, prompt_tokens:
     if args.kv_cache != "headwise":
         return None
 
-    policy = headwise_policy(model, scores, full=parse_full(args.full_kv_heads), sink=args.sink, window=args.window,
+    kv_scores = headwise_scores_path(args.head_scores, args.model) or scores
+    policy = headwise_policy(model, kv_scores, full=parse_full(args.full_kv_heads), sink=args.sink, window=args.window,
                              method=args.kv_select, seed=args.seed)
     attach_headwise(model, policy)
     budget = kv_budget(model, policy, prompt_tokens)

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import argparse
-from importlib import resources
 from pathlib import Path
 
 from selective_attention.cli.arguments import (
@@ -16,7 +15,7 @@ from selective_attention.cli.arguments import (
     model_kwargs,
 )
 from selective_attention.distributed.sharding import current_shard
-from selective_attention.heads.scores import EMBEDDED_MODEL_SCORES
+from selective_attention.heads.scores import headwise_scores_path
 from selective_attention.loading import assets
 from selective_attention.loading.loader import load_model
 from selective_attention.loading.quantization import add_quantize_argument
@@ -40,16 +39,10 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def kv_head_scores_path(args: argparse.Namespace) -> str | None:
-    """--head-scores, or for a head-wise cache on the embedded model the scores shipped with the package."""
-    if args.head_scores or args.kv_cache != "headwise" or args.model is not None:
-        return args.head_scores
-    return str(resources.files("selective_attention").joinpath(EMBEDDED_MODEL_SCORES))
-
-
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(NeedleConfig, args, needles=get_language(args.language).resolve_needles(args.needles),
-                              head_scores=kv_head_scores_path(args))
+                              head_scores=args.head_scores if args.kv_cache != "headwise" else
+                              headwise_scores_path(args.head_scores, args.model))
     if args.head_scores and not Path(args.head_scores).exists():
         raise FileNotFoundError(f"head-score file {args.head_scores} does not exist")
 

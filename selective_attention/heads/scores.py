@@ -77,6 +77,10 @@ def load_checked_head_scores(path: str | Path, num_layers: int, num_heads: int) 
 
 #: Head scores of the embedded SmolLM2 measured by `selective-attention detect` (see docs/retrieval.md).
 EMBEDDED_MODEL_SCORES = "data/smollm2_head_scores.json"
+#: Head-wise KV cache selection scores of the embedded SmolLM2: retrieval (a 132-trial detect grid), echo and
+#: induction scores, each over its maximum, max per head (benchmarks/headwise_induction.py; docs/headwise_kv.md:
+#: with retrieval scores alone a quarter of the KV heads full falls 12.7 points short of dense on the needle grid).
+EMBEDDED_HEADWISE_SCORES = "data/smollm2_headwise_scores.json"
 #: Scores shipped per embedded model name (`--model`; None is the default SmolLM2): (package file, label).
 SHIPPED_SCORES = {None: (EMBEDDED_MODEL_SCORES, "shipped SmolLM2 scores"),
                   "smollm2-135m": (EMBEDDED_MODEL_SCORES, "shipped SmolLM2 scores"),
@@ -103,3 +107,11 @@ def model_head_scores(path: str | Path | None, model: str | None, num_layers: in
 def mean_scores(scores: HeadScores) -> dict[Head, float]:
     """Mean score per head (an empty list scores 0)."""
     return {parse_head(key): (sum(values) / len(values) if values else 0.0) for key, values in scores.items()}
+
+
+def headwise_scores_path(path: str | Path | None, model: str | None) -> str | None:
+    """What ranks KV heads for a head-wise cache: `path` when given, else for the embedded SmolLM2 (`model` None or
+    its name) the shipped retrieval + echo + induction scores, else None."""
+    if path or model not in (None, "smollm2-135m"):
+        return None if path is None else str(path)
+    return str(resources.files("selective_attention").joinpath(EMBEDDED_HEADWISE_SCORES))
