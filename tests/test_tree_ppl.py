@@ -85,3 +85,13 @@ def test_cli_quest_protocol(tiny_checkpoint, tmp_path):
 def test_cli_refuses_unknown_dense_layer(tiny_checkpoint, tmp_path):
     assert main(["tree-ppl", "--model", str(tiny_checkpoint), "--dense-layers", "7", "--context", "32",
                  "--output", str(tmp_path / "x")]) == 2
+
+
+def test_cli_ranks_name_the_rows_and_keep_the_default_names(tiny_checkpoint, tmp_path):
+    output = tmp_path / "ranks"
+    assert main(["tree-ppl", "--model", str(tiny_checkpoint), "--context", "64", "--budgets", "16",
+                 "--dense-layers", "0", "--leaf-blocks", "4", "--methods", "rescore", "--ranks", "bound", "mix",
+                 "--output", str(output)]) == 0
+    results = json.loads(output.with_suffix(".json").read_text())["results"]
+    assert set(results) == {"rescore/b4/x4/kv_group/mean@16", "rescore/b4/x4/kv_group/mean/rank-mix@16"}
+    assert results["rescore/b4/x4/kv_group/mean/rank-mix@16"]["config"]["rank"] == "mix"
