@@ -112,6 +112,8 @@ def mean_scores(scores: HeadScores) -> dict[Head, float]:
 def headwise_scores_path(path: str | Path | None, model: str | None) -> str | None:
     """What ranks KV heads for a head-wise cache: `path` when given, else for the embedded SmolLM2 (`model` None or
     its name) the shipped retrieval + echo + induction scores, else None."""
-    if path or model not in (None, "smollm2-135m"):
-        return None if path is None else str(path)
+    if path:
+        return str(path)
+    if model not in (None, "smollm2-135m"):
+        return None
     return str(resources.files("selective_attention").joinpath(EMBEDDED_HEADWISE_SCORES))
