@@ -30,6 +30,7 @@ from selective_attention.tree_kernel.feature_maps import feature_map, random_fea
 from selective_attention.tree_kernel.key_tree import KeyTree
 from selective_attention.tree_kernel.ops import row_mask
 from selective_attention.tree_kernel.rescore import rescore_rows
+from selective_attention.tree_kernel.rescore_decode import rescore_decode, sees_whole_prefix
 from selective_attention.tree_kernel.sampled import sampled_rows
 from selective_attention.tree_kernel.topk import topk_rows
 
@@ -116,6 +117,13 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     dtype = query.dtype
     # keys and values stay in the cache's dtype: each selector casts only what it reads
     query = query.float()
+    n_rep = q_heads // kv_heads
+    if (config.method == "rescore" and q_len == 1 and softcap is None and config.sharing == "kv_group"
+            and sees_whole_prefix(attention_mask)):  # generate's decode step: the lean path
+        tree = _tree(_trees(module, config), config, key, value, None, q_len, scaling)
+        output = rescore_decode(config, tree, key, value, query.view(batch, kv_heads, n_rep, dim), scaling)
+        if output is not None:
+            return output.reshape(batch, q_heads, 1, -1).transpose(1, 2).contiguous().to(dtype), None
     rows = row_mask(attention_mask, batch, q_len, kv_len, query.device)  # per-row visibility, window included
     key_valid = rows.any(1) if attention_mask is not None else None  # (B, kv) non-padding keys (builds the tree)
     positions = torch.arange(q_len, device=query.device) + (kv_len - q_len)
@@ -134,7 +142,6 @@ def tree_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                          "and cannot honour a sliding window: use dense, topk, rescore or bound with descent='flat', "
                          "or "
                          "restrict `layers` to full-attention layers")
-    n_rep = q_heads // kv_heads
     if config.method == "dense":
         keys, values = key.float().repeat_interleave(n_rep, 1), value.float().repeat_interleave(n_rep, 1)
         if softcap is None:

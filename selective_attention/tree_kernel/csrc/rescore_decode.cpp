@@ -1,0 +1,304 @@
+// `rescore` decode step on CPU, fused: rank every complete leaf block, pick the candidate blocks, score their keys
+// exactly (each key read once for its KV group), keep each query head's top keys, and sum the softmax terms
+// (kept keys, dropped candidates with their block's mean value, blocks never read with their mean key and value,
+// the row's own partial block) in one pass per (sequence, KV head). Nothing outside the candidate keys, the kept
+// values and the block summaries is read. Mirrors `rescore_decode.py` (the PyTorch path), tested against it and
+// against a brute-force loop.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <functional>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+inline void add_scaled(float weight, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += weight * x[i];
+}
+
+// Asks for the rows of a leaf block before they are needed: candidate blocks are scattered over the cache, so the
+// hardware prefetcher cannot guess the next one.
+inline void prefetch_rows(const float* first, int64_t rows, int64_t row_stride, int64_t width) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t d = 0; d < width; d += 16) __builtin_prefetch(first + i * row_stride + d);
+}
+
+// The k-th largest of values[0, n) (1 <= k <= n, no NaN), exactly: a strided sample brackets it, one pass
+// counts the values above the bracket and copies those inside, and only those are partially sorted; when the
+// bracket misses (rare), nth_element on everything.
+float kth_largest(const float* values, int64_t n, int64_t k, std::vector<float>& scratch) {
+  scratch.resize(n);
+  float* band = scratch.data();
+  if (n > 2048) {
+    const int64_t stride = n / 256, samples = n / stride;
+    for (int64_t i = 0; i < samples; ++i) band[i] = values[i * stride];
+    const int64_t at = k * samples / n, margin = std::max<int64_t>(8, samples / 16);
+    const int64_t hi_at = at - margin, lo_at = at + margin;
+    auto sample_kth = [&](int64_t i) {  // i-th largest of the sample, 0-based
+      std::nth_element(band, band + i, band + samples, std::greater<float>());
+      return band[i];
+    };
+    const float hi = hi_at < 0 ? std::numeric_limits<float>::infinity() : sample_kth(hi_at);
+    const float lo = lo_at >= samples ? -std::numeric_limits<float>::infinity() : sample_kth(lo_at);
+    int64_t above = 0, inside = 0;
+#pragma omp simd reduction(+ : above)
+    for (int64_t i = 0; i < n; ++i) above += values[i] > hi;
+    if (above < k) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = values[i];
+        band[inside] = v;
+        inside += (v >= lo) & (v <= hi);  // branch-free copy of the values inside the bracket
+      }
+      if (above + inside >= k) {
+        std::nth_element(band, band + (k - above - 1), band + inside, std::greater<float>());
+        return band[k - above - 1];
+      }
+    }
+  }
+  std::copy(values, values + n, band);
+  std::nth_element(band, band + (k - 1), band + n, std::greater<float>());
+  return band[k - 1];
+}
+
+void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
+  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, name, " must be 4-D with a contiguous last dimension");
+}
+
+}  // namespace
+
+// query (B, H, R, D) unscaled; key, value (B, H, L, D / Dv); kbox (B, H, >=N, 2D) (empty for rank "mean"), ksum
+// (B, H, >=N, D), vsum (B, H, >=N, Dv), count (B, >=N); forced: block ids always kept. rank_mode: 0 bound,
+// 1 mean, 2 mix. Returns out (B, H, R, Dv) and, per head, the candidate blocks with a dropped key (B, H, R).
+std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Tensor value, at::Tensor kbox,
+                                       at::Tensor ksum, at::Tensor vsum, at::Tensor count, at::Tensor forced,
+                                       int64_t n_blocks, int64_t block, int64_t width, int64_t keys,
+                                       int64_t rank_mode, bool estimate, double scaling) {
+  check_rows(query, "query");
+  check_rows(key, "key");
+  check_rows(value, "value");
+  check_rows(ksum, "ksum");
+  check_rows(vsum, "vsum");
+  if (rank_mode != 1) check_rows(kbox, "kbox");
+  TORCH_CHECK(count.scalar_type() == at::kFloat && count.stride(1) == 1, "count must be float32 (B, N)");
+  query = query.contiguous();
+  forced = forced.to(at::kLong).contiguous();
+  const int64_t batch = query.size(0), heads = query.size(1), reps = query.size(2), dim = query.size(3);
+  const int64_t length = key.size(2), dv = value.size(3), candidates = width * block;
+  const int64_t partial = length - n_blocks * block;
+  TORCH_CHECK(n_blocks > 0 && width >= forced.numel() && width <= n_blocks && keys <= candidates,
+              "inconsistent widths");
+  auto out = at::zeros({batch, heads, reps, dv}, query.options());
+  auto drop_terms = at::zeros({batch, heads, reps}, query.options());
+  const float* q_all = query.data_ptr<float>();
+  const int64_t* forced_ids = forced.data_ptr<int64_t>();
+  const int64_t n_forced = forced.numel();
+  const float scale = static_cast<float>(scaling);
+  const bool need_mean = rank_mode != 0 || estimate;
+
+  const float log_block = std::log(static_cast<float>(block));
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> rank(n_blocks), mean(need_mean ? reps * n_blocks : 0), box(reps * 2 * dim),
+        scaled(reps * dim), scores(reps * candidates), local(reps * std::max<int64_t>(partial, 1)), maxima(reps),
+        ranking(candidates), rest(estimate ? reps * n_blocks : 0), acc(reps * dv), denominators(reps);
+    std::vector<float> scratch;
+    std::vector<int64_t> order(n_blocks), ties;
+    std::vector<char> is_candidate(n_blocks), is_forced(n_blocks), kept(reps * candidates), wanted(candidates);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / heads, h = bh % heads;
+      const float* q = q_all + bh * reps * dim;
+      const float* kb = key.data_ptr<float>() + b * key.stride(0) + h * key.stride(1);
+      const float* vb = value.data_ptr<float>() + b * value.stride(0) + h * value.stride(1);
+      const float* sums = ksum.data_ptr<float>() + b * ksum.stride(0) + h * ksum.stride(1);
+      const float* vsums = vsum.data_ptr<float>() + b * vsum.stride(0) + h * vsum.stride(1);
+      const float* counts = count.data_ptr<float>() + b * count.stride(0);
+      const float* boxes = rank_mode == 1 ? nullptr : kbox.data_ptr<float>() + b * kbox.stride(0) + h * kbox.stride(1);
+      const int64_t k_row = key.stride(2), v_row = value.stride(2), s_row = ksum.stride(2), vs_row = vsum.stride(2);
+      const int64_t box_row = rank_mode == 1 ? 0 : kbox.stride(2);
+      for (int64_t r = 0; r < reps; ++r) {
+        for (int64_t d = 0; d < dim; ++d) {
+          box[r * 2 * dim + d] = std::max(q[r * dim + d], 0.f);
+          box[r * 2 * dim + dim + d] = -std::min(q[r * dim + d], 0.f);
+          scaled[r * dim + d] = q[r * dim + d] * scale;
+        }
+      }
+      // 1. rank every complete block, its summaries read once for the group: the best (max over the query heads)
+      //    upper bound [q+, -q-] . [kmax, -kmin], mean score q . ksum / n, or their average
+      for (int64_t n = 0; n < n_blocks; ++n) {
+        float best = -kInf;
+        for (int64_t r = 0; r < reps; ++r) {
+          float m = 0.f, value_rank;
+          if (need_mean) m = mean[r * n_blocks + n] = dot(q + r * dim, sums + n * s_row, dim) / counts[n];
+          if (rank_mode == 1) {
+            value_rank = m;
+          } else {
+            const float bound = dot(box.data() + r * 2 * dim, boxes + n * box_row, 2 * dim);
+            value_rank = rank_mode == 0 ? bound : 0.5f * (bound + m);
+          }
+          if (!std::isnan(value_rank)) best = std::max(best, value_rank);
+        }
+        rank[n] = best;
+      }
+      std::fill(is_forced.begin(), is_forced.end(), 0);
+      for (int64_t f = 0; f < n_forced; ++f) {
+        rank[forced_ids[f]] = std::numeric_limits<float>::max();
+        is_forced[forced_ids[f]] = 1;
+      }
+      // 2. the top `width` blocks (forced ones among them); ascending ids read the cache in order
+      std::iota(order.begin(), order.end(), 0);
+      std::nth_element(order.begin(), order.begin() + (width - 1), order.end(),
+                       [&](int64_t a, int64_t c) { return rank[a] > rank[c]; });
+      std::sort(order.begin(), order.begin() + width);
+      std::fill(is_candidate.begin(), is_candidate.end(), 0);
+      for (int64_t w = 0; w < width; ++w) is_candidate[order[w]] = 1;
+      // 3. exact scores of the candidate keys (each key read once for the group) and of the partial block, with
+      // 4. each query head's running maximum over every term it will add
+      std::fill(maxima.begin(), maxima.end(), -kInf);
+      for (int64_t w = 0; w < width; ++w) {
+        if (w + 1 < width) prefetch_rows(kb + order[w + 1] * block * k_row, block, k_row, dim);
+        for (int64_t j = 0; j < block; ++j) {
+          const float* k = kb + (order[w] * block + j) * k_row;
+          for (int64_t r = 0; r < reps; ++r) {
+            const float score = dot(scaled.data() + r * dim, k, dim);
+            scores[r * candidates + w * block + j] = score;
+            maxima[r] = std::max(maxima[r], score);
+          }
+        }
+      }
+      for (int64_t p = 0; p < partial; ++p) {
+        const float* k = kb + (n_blocks * block + p) * k_row;
+        for (int64_t r = 0; r < reps; ++r) {
+          local[r * partial + p] = dot(scaled.data() + r * dim, k, dim);
+          maxima[r] = std::max(maxima[r], local[r * partial + p]);
+        }
+      }
+      if (estimate) {  // blocks never read: logit q . mean key, n terms
+        for (int64_t n = 0; n < n_blocks; ++n) {
+          const float log_count = counts[n] == block ? log_block : std::log(counts[n]);
+          for (int64_t r = 0; r < reps; ++r) {
+            const float logit = is_candidate[n] ? -kInf : mean[r * n_blocks + n] * scale;
+            rest[r * n_blocks + n] = logit;
+            maxima[r] = std::max(maxima[r], logit + log_count);
+          }
+        }
+      }
+      for (int64_t r = 0; r < reps; ++r) {
+        if (!std::isfinite(maxima[r])) maxima[r] = 0.f;
+        for (int64_t c = 0; c < candidates; ++c) scores[r * candidates + c] -= maxima[r];
+        for (int64_t p = 0; p < partial; ++p) local[r * partial + p] -= maxima[r];
+        if (estimate)
+          for (int64_t n = 0; n < n_blocks; ++n) rest[r * n_blocks + n] -= maxima[r];
+      }
+      // 5. each query head keeps its top `keys` candidates, forced blocks' keys first: the threshold by
+      //    nth_element on a copy, then the keys above it and, in order, enough of those equal to it
+      std::fill(kept.begin(), kept.end(), 0);
+      for (int64_t r = 0; r < reps; ++r) {
+        const float* s = scores.data() + r * candidates;
+        char* keep = kept.data() + r * candidates;
+        if (keys >= candidates) {
+          std::fill(keep, keep + candidates, 1);
+          continue;
+        }
+        for (int64_t w = 0; w < width; ++w) {
+          const bool pinned = is_forced[order[w]];
+          for (int64_t j = 0; j < block; ++j) {
+            const float v = s[w * block + j];
+            ranking[w * block + j] = pinned ? kInf : (std::isnan(v) ? -kInf : v);
+          }
+        }
+        const float threshold = kth_largest(ranking.data(), candidates, keys, scratch);
+        int64_t taken = 0;
+        ties.clear();
+        for (int64_t c = 0; c < candidates; ++c) {
+          keep[c] = ranking[c] > threshold;
+          taken += keep[c];
+          if (ranking[c] == threshold) ties.push_back(c);  // the threshold itself, and rare equal scores
+        }
+        for (size_t i = 0; i < ties.size() && taken < keys; ++i, ++taken) keep[ties[i]] = 1;
+      }
+      for (int64_t c = 0; c < candidates; ++c) {  // keys whose value some head reads
+        char any = 0;
+        for (int64_t r = 0; r < reps; ++r) any |= kept[r * candidates + c];
+        wanted[c] = any;
+      }
+      // 6. the softmax terms, exponentials vectorised by ATen
+      at::from_blob(scores.data(), {reps * candidates}, at::kFloat).exp_();
+      if (partial) at::from_blob(local.data(), {reps * partial}, at::kFloat).exp_();
+      if (estimate) at::from_blob(rest.data(), {reps * n_blocks}, at::kFloat).exp_();
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::vector<double> denominator(reps, 0.0);
+      for (int64_t w = 0; w < width; ++w) {
+        const int64_t n = order[w];
+        if (w + 1 < width) {  // the next block's kept values
+          for (int64_t j = 0; j < block; ++j)
+            if (wanted[(w + 1) * block + j]) prefetch_rows(vb + (order[w + 1] * block + j) * v_row, 1, v_row, dv);
+        }
+        for (int64_t j = 0; j < block; ++j) {  // kept keys: exact value, read once per head that keeps it
+          if (!wanted[w * block + j]) continue;
+          const float* v = vb + (n * block + j) * v_row;
+          for (int64_t r = 0; r < reps; ++r) {
+            const int64_t c = r * candidates + w * block + j;
+            if (!kept[c]) continue;
+            add_scaled(scores[c], v, acc.data() + r * dv, dv);
+            denominator[r] += scores[c];
+          }
+        }
+        if (!estimate) continue;
+        for (int64_t r = 0; r < reps; ++r) {  // dropped candidates: exact weight, the block's mean value
+          float dropped = 0.f;
+          int64_t kept_here = 0;
+          for (int64_t j = 0; j < block; ++j) {
+            const int64_t c = r * candidates + w * block + j;
+            dropped += kept[c] ? 0.f : scores[c];
+            kept_here += kept[c];
+          }
+          if (kept_here == block) continue;
+          drop_terms.data_ptr<float>()[bh * reps + r] += 1.f;
+          add_scaled(dropped / counts[n], vsums + n * vs_row, acc.data() + r * dv, dv);
+          denominator[r] += dropped;
+        }
+      }
+      for (int64_t p = 0; p < partial; ++p) {  // the row's own partial block, exactly
+        const float* v = vb + (n_blocks * block + p) * v_row;
+        for (int64_t r = 0; r < reps; ++r) {
+          add_scaled(local[r * partial + p], v, acc.data() + r * dv, dv);
+          denominator[r] += local[r * partial + p];
+        }
+      }
+      if (estimate) {  // blocks never read: n exp(q . mean key), the mean value
+        for (int64_t n = 0; n < n_blocks; ++n) {
+          if (is_candidate[n]) continue;
+          for (int64_t r = 0; r < reps; ++r) {
+            const float weight = rest[r * n_blocks + n];
+            add_scaled(weight, vsums + n * vs_row, acc.data() + r * dv, dv);
+            denominator[r] += static_cast<double>(weight) * counts[n];
+          }
+        }
+      }
+      for (int64_t r = 0; r < reps; ++r) {
+        float* o = out.data_ptr<float>() + (bh * reps + r) * dv;
+        const float inverse = static_cast<float>(1.0 / std::max(denominator[r], 1e-30));
+        for (int64_t d = 0; d < dv; ++d) o[d] = acc[r * dv + d] * inverse;
+      }
+    }
+  });
+  return {out, drop_terms};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rescore_decode", &rescore_decode, "Fused rescore decode step (CPU, float32)");
+}
