@@ -94,7 +94,7 @@ def test_lean_path_matches_the_general_path_rows_and_costs(native, estimate, mon
     """Two decode rows through the general path (a query of two rows takes the per-row mask path) against the
     same rows one step at a time through the lean path: outputs, and every cost counter summed over the rows."""
     monkeypatch.setenv(ENV_SWITCH, native)
-    q, k, v = _inputs(3, 67)
+    _, k, v = _inputs(3, 67)
     rows = torch.randn(2, 6, 2, 8, generator=torch.Generator().manual_seed(4))  # positions 65 and 66
 
     def config() -> TreeKernelConfig:

@@ -70,6 +70,15 @@ class TreeStats:
             for name, value in zip(COUNTERS, values):
                 setattr(tally, name, getattr(tally, name) + value)
 
+    def add_rows(self, rows: int, visible: float, budget: float, exact: float, terms: float, bounds: float,
+                 rescored: float) -> None:
+        """`rows` rows with the same counts (a decode step of a batch without padding): `add` without tensors."""
+        counts = dict(rows=rows, visible=rows * visible, exact=rows * exact, terms=rows * terms,
+                      bounds=rows * bounds, rescored=rows * rescored)
+        for tally in (self.all, self.past) if budget < visible else (self.all,):
+            for name, value in counts.items():
+                setattr(tally, name, getattr(tally, name) + value)
+
     @property
     def rows(self) -> float:
         return self.all.rows

@@ -28,7 +28,7 @@ def _build() -> ModuleType | None:
         logger.info("building the fused rescore decode kernel (once per machine)")
         return load(name="sa_rescore_decode", sources=[str(SOURCE)], verbose=False,
                     extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"])
-    except Exception as error:  # no compiler, no ninja, unsupported platform: the PyTorch path still works
+    except Exception as error:  # noqa: BLE001 - no compiler, no ninja, another platform: the PyTorch path still works
         logger.warning("fused rescore decode kernel unavailable (%s); using the PyTorch path", error)
         return None
 

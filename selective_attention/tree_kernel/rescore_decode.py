@@ -15,7 +15,6 @@ window (a row that does not see its whole prefix), other sharing modes, and budg
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -41,7 +40,7 @@ def sees_whole_prefix(attention_mask: torch.Tensor | None) -> bool:
 def _weighted_values(value: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_k weights[..., k] value[b, h, positions[..., k]]: value (B, Hkv, L, Dv), positions / weights
     (B, Hkv, R, K) -> (B, Hkv, R, Dv); reads only the kept rows (`embedding_bag` fuses gather and sum)."""
-    batch, kv_heads, n_rep, width = positions.shape
+    batch, kv_heads, n_rep, _ = positions.shape
     if value.dtype != torch.float32:
         kept = gather_nodes(value, positions).float()  # (B, Hkv, R, K, Dv)
         return torch.einsum("bhrk,bhrkv->bhrv", weights, kept)
@@ -124,12 +123,9 @@ def rescore_decode(config: TreeKernelConfig, tree: KeyTree, key: torch.Tensor, v
             RANK_MODES[config.rank], config.estimate == "mean", scaling)
     else:
         output, drop_terms = _rescore_decode_torch(config, tree, key, value, query, scaling, plan)
-    terms = plan.keys + plan.partial + (drop_terms.mean((1, 2))[:, None] + plan.n_blocks - plan.width
-                                        if config.estimate == "mean" else 0.0)
-    rows = functools.partial(torch.full, (batch, 1))
-    config.stats.add(rows(plan.length), rows(plan.budget), rows(float(plan.keys + plan.partial)),
-                     terms + torch.zeros(batch, 1), rows(float(plan.n_blocks)),
-                     rows(float(plan.width * tree.block + plan.partial)))
+    drop = float(drop_terms.mean()) + plan.n_blocks - plan.width if config.estimate == "mean" else 0.0
+    config.stats.add_rows(batch, plan.length, plan.budget, plan.keys + plan.partial, plan.keys + plan.partial + drop,
+                          plan.n_blocks, plan.width * tree.block + plan.partial)
     return output
 
 

@@ -28,13 +28,6 @@ inline void add_scaled(float weight, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += weight * x[i];
 }
 
-// Asks for the rows of a leaf block before they are needed: candidate blocks are scattered over the cache, so the
-// hardware prefetcher cannot guess the next one.
-inline void prefetch_rows(const float* first, int64_t rows, int64_t row_stride, int64_t width) {
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t d = 0; d < width; d += 16) __builtin_prefetch(first + i * row_stride + d);
-}
-
 // The k-th largest of values[0, n) (1 <= k <= n, no NaN), exactly: a strided sample brackets it, one pass
 // counts the values above the bracket and copies those inside, and only those are partially sorted; when the
 // bracket misses (rare), nth_element on everything.
@@ -169,7 +162,6 @@ std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Ten
       // 4. each query head's running maximum over every term it will add
       std::fill(maxima.begin(), maxima.end(), -kInf);
       for (int64_t w = 0; w < width; ++w) {
-        if (w + 1 < width) prefetch_rows(kb + order[w + 1] * block * k_row, block, k_row, dim);
         for (int64_t j = 0; j < block; ++j) {
           const float* k = kb + (order[w] * block + j) * k_row;
           for (int64_t r = 0; r < reps; ++r) {
@@ -243,10 +235,6 @@ std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Ten
       std::vector<double> denominator(reps, 0.0);
       for (int64_t w = 0; w < width; ++w) {
         const int64_t n = order[w];
-        if (w + 1 < width) {  // the next block's kept values
-          for (int64_t j = 0; j < block; ++j)
-            if (wanted[(w + 1) * block + j]) prefetch_rows(vb + (order[w + 1] * block + j) * v_row, 1, v_row, dv);
-        }
         for (int64_t j = 0; j < block; ++j) {  // kept keys: exact value, read once per head that keeps it
           if (!wanted[w * block + j]) continue;
           const float* v = vb + (n * block + j) * v_row;
