@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <functional>
+#include <type_traits>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -88,12 +89,12 @@ std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Ten
   TORCH_CHECK(count.scalar_type() == at::kFloat && count.stride(1) == 1, "count must be float32 (B, N)");
   query = query.contiguous();
   forced = forced.to(at::kLong).contiguous();
-  const int64_t batch = query.size(0), heads = query.size(1), reps = query.size(2), dim = query.size(3);
-  const int64_t length = key.size(2), dv = value.size(3), candidates = width * block;
+  const int64_t batch = query.size(0), heads = query.size(1), reps = query.size(2), dim_rt = query.size(3);
+  const int64_t length = key.size(2), dv_rt = value.size(3), candidates = width * block;
   const int64_t partial = length - n_blocks * block;
   TORCH_CHECK(n_blocks > 0 && width >= forced.numel() && width <= n_blocks && keys <= candidates,
               "inconsistent widths");
-  auto out = at::zeros({batch, heads, reps, dv}, query.options());
+  auto out = at::zeros({batch, heads, reps, dv_rt}, query.options());
   auto drop_terms = at::zeros({batch, heads, reps}, query.options());
   const float* q_all = query.data_ptr<float>();
   const int64_t* forced_ids = forced.data_ptr<int64_t>();
@@ -104,7 +105,11 @@ std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Ten
   const float log_block = std::log(static_cast<float>(block));
   constexpr float kInf = std::numeric_limits<float>::infinity();
 
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+  // one (sequence, KV head) range; `Dim` > 0 fixes the head size at compile time, so dot products and value
+  // sums unroll (0: any size)
+  auto run = [&](auto dim_tag, int64_t begin, int64_t end) {
+    constexpr int64_t Dim = decltype(dim_tag)::value;
+    const int64_t dim = Dim ? Dim : dim_rt, dv = Dim ? Dim : dv_rt;
     std::vector<float> rank(n_blocks), mean(need_mean ? reps * n_blocks : 0), box(reps * 2 * dim),
         scaled(reps * dim), scores(reps * candidates), local(reps * std::max<int64_t>(partial, 1)), maxima(reps),
         ranking(candidates), rest(estimate ? reps * n_blocks : 0), acc(reps * dv), denominators(reps);
@@ -283,7 +288,17 @@ std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Ten
         for (int64_t d = 0; d < dv; ++d) o[d] = acc[r * dv + d] * inverse;
       }
     }
-  });
+  };
+  auto dispatch = [&](auto dim_tag) {
+    at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) { run(dim_tag, begin, end); });
+  };
+  if (dim_rt == dv_rt && dim_rt == 64) {
+    dispatch(std::integral_constant<int64_t, 64>{});
+  } else if (dim_rt == dv_rt && dim_rt == 128) {
+    dispatch(std::integral_constant<int64_t, 128>{});
+  } else {
+    dispatch(std::integral_constant<int64_t, 0>{});
+  }
   return {out, drop_terms};
 }
 
