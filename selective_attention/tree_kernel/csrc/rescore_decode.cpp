@@ -112,10 +112,10 @@ std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Ten
     const int64_t dim = Dim ? Dim : dim_rt, dv = Dim ? Dim : dv_rt;
     std::vector<float> rank(n_blocks), mean(need_mean ? reps * n_blocks : 0), box(reps * 2 * dim),
         scaled(reps * dim), scores(reps * candidates), local(reps * std::max<int64_t>(partial, 1)), maxima(reps),
-        ranking(candidates), rest(estimate ? reps * n_blocks : 0), acc(reps * dv), denominators(reps);
-    std::vector<float> scratch;
-    std::vector<int64_t> order(n_blocks), ties;
-    std::vector<char> is_candidate(n_blocks), is_forced(n_blocks), kept(reps * candidates), wanted(candidates);
+        ranking(candidates), rest(estimate ? reps * n_blocks : 0);
+    std::vector<float> scratch, kept_mass(width);
+    std::vector<int64_t> order(n_blocks), ties, kept_ids(candidates), kept_count(width);
+    std::vector<char> is_candidate(n_blocks), is_forced(n_blocks);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
       const float* q = q_all + bh * reps * dim;
@@ -156,11 +156,17 @@ std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Ten
         rank[forced_ids[f]] = std::numeric_limits<float>::max();
         is_forced[forced_ids[f]] = 1;
       }
-      // 2. the top `width` blocks (forced ones among them); ascending ids read the cache in order
-      std::iota(order.begin(), order.end(), 0);
-      std::nth_element(order.begin(), order.begin() + (width - 1), order.end(),
-                       [&](int64_t a, int64_t c) { return rank[a] > rank[c]; });
-      std::sort(order.begin(), order.begin() + width);
+      // 2. the top `width` blocks (forced ones among them), in ascending order (reads the cache in order): the
+      //    width-th largest rank as threshold, the blocks above it and, in order, enough of those equal to it
+      const float block_threshold = kth_largest(rank.data(), n_blocks, width, scratch);
+      int64_t picked = 0, equal_needed = width;
+      for (int64_t n = 0; n < n_blocks; ++n) equal_needed -= rank[n] > block_threshold;
+      for (int64_t n = 0; n < n_blocks; ++n) {
+        const bool above = rank[n] > block_threshold, tie = rank[n] == block_threshold && equal_needed > 0;
+        equal_needed -= tie;
+        order[picked] = n;
+        picked += above || tie;
+      }
       std::fill(is_candidate.begin(), is_candidate.end(), 0);
       for (int64_t w = 0; w < width; ++w) is_candidate[order[w]] = 1;
       // 3. exact scores of the candidate keys (each key read once for the group) and of the partial block, with
@@ -200,92 +206,76 @@ std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Ten
         if (estimate)
           for (int64_t n = 0; n < n_blocks; ++n) rest[r * n_blocks + n] -= maxima[r];
       }
-      // 5. each query head keeps its top `keys` candidates, forced blocks' keys first: the threshold by
-      //    nth_element on a copy, then the keys above it and, in order, enough of those equal to it
-      std::fill(kept.begin(), kept.end(), 0);
-      for (int64_t r = 0; r < reps; ++r) {
-        const float* s = scores.data() + r * candidates;
-        char* keep = kept.data() + r * candidates;
-        if (keys >= candidates) {
-          std::fill(keep, keep + candidates, 1);
-          continue;
-        }
-        for (int64_t w = 0; w < width; ++w) {
-          const bool pinned = is_forced[order[w]];
-          for (int64_t j = 0; j < block; ++j) {
-            const float v = s[w * block + j];
-            ranking[w * block + j] = pinned ? kInf : (std::isnan(v) ? -kInf : v);
-          }
-        }
-        const float threshold = kth_largest(ranking.data(), candidates, keys, scratch);
-        int64_t taken = 0;
-        ties.clear();
-        for (int64_t c = 0; c < candidates; ++c) {
-          keep[c] = ranking[c] > threshold;
-          taken += keep[c];
-          if (ranking[c] == threshold) ties.push_back(c);  // the threshold itself, and rare equal scores
-        }
-        for (size_t i = 0; i < ties.size() && taken < keys; ++i, ++taken) keep[ties[i]] = 1;
-      }
-      for (int64_t c = 0; c < candidates; ++c) {  // keys whose value some head reads
-        char any = 0;
-        for (int64_t r = 0; r < reps; ++r) any |= kept[r * candidates + c];
-        wanted[c] = any;
-      }
-      // 6. the softmax terms, exponentials vectorised by ATen
+      // 5. the softmax weights, exponentials vectorised by ATen
       at::from_blob(scores.data(), {reps * candidates}, at::kFloat).exp_();
       if (partial) at::from_blob(local.data(), {reps * partial}, at::kFloat).exp_();
       if (estimate) at::from_blob(rest.data(), {reps * n_blocks}, at::kFloat).exp_();
-      std::fill(acc.begin(), acc.end(), 0.f);
-      std::vector<double> denominator(reps, 0.0);
-      for (int64_t w = 0; w < width; ++w) {
-        const int64_t n = order[w];
-        for (int64_t j = 0; j < block; ++j) {  // kept keys: exact value, read once per head that keeps it
-          if (!wanted[w * block + j]) continue;
-          const float* v = vb + (n * block + j) * v_row;
-          for (int64_t r = 0; r < reps; ++r) {
-            const int64_t c = r * candidates + w * block + j;
-            if (!kept[c]) continue;
-            add_scaled(scores[c], v, acc.data() + r * dv, dv);
-            denominator[r] += scores[c];
-          }
-        }
-        if (!estimate) continue;
-        for (int64_t r = 0; r < reps; ++r) {  // dropped candidates: exact weight, the block's mean value
-          float dropped = 0.f;
-          int64_t kept_here = 0;
-          for (int64_t j = 0; j < block; ++j) {
-            const int64_t c = r * candidates + w * block + j;
-            dropped += kept[c] ? 0.f : scores[c];
-            kept_here += kept[c];
-          }
-          if (kept_here == block) continue;
-          drop_terms.data_ptr<float>()[bh * reps + r] += 1.f;
-          add_scaled(dropped / counts[n], vsums + n * vs_row, acc.data() + r * dv, dv);
-          denominator[r] += dropped;
-        }
-      }
-      for (int64_t p = 0; p < partial; ++p) {  // the row's own partial block, exactly
-        const float* v = vb + (n_blocks * block + p) * v_row;
-        for (int64_t r = 0; r < reps; ++r) {
-          add_scaled(local[r * partial + p], v, acc.data() + r * dv, dv);
-          denominator[r] += local[r * partial + p];
-        }
-      }
-      if (estimate) {  // blocks never read: n exp(q . mean key), the mean value
-        for (int64_t n = 0; n < n_blocks; ++n) {
-          if (is_candidate[n]) continue;
-          for (int64_t r = 0; r < reps; ++r) {
-            const float weight = rest[r * n_blocks + n];
-            add_scaled(weight, vsums + n * vs_row, acc.data() + r * dv, dv);
-            denominator[r] += static_cast<double>(weight) * counts[n];
-          }
-        }
-      }
+      // 6. per query head: keep the top `keys` candidates (forced blocks' keys first; exp is monotonic, so the
+      //    weights rank like the scores): the k-th largest as threshold, the keys above it and, in order, enough
+      //    of those equal to it; then the terms, accumulated in registers
       for (int64_t r = 0; r < reps; ++r) {
-        float* o = out.data_ptr<float>() + (bh * reps + r) * dv;
-        const float inverse = static_cast<float>(1.0 / std::max(denominator[r], 1e-30));
-        for (int64_t d = 0; d < dv; ++d) o[d] = acc[r * dv + d] * inverse;
+        const float* weight = scores.data() + r * candidates;
+        int64_t taken = 0;
+        if (keys >= candidates) {
+          std::iota(kept_ids.begin(), kept_ids.end(), 0);
+          taken = candidates;
+        } else {
+          for (int64_t w = 0; w < width; ++w) {
+            const bool pinned = is_forced[order[w]];
+            for (int64_t j = 0; j < block; ++j) {
+              const float v = weight[w * block + j];
+              ranking[w * block + j] = pinned ? kInf : (std::isnan(v) ? -kInf : v);
+            }
+          }
+          const float threshold = kth_largest(ranking.data(), candidates, keys, scratch);
+          ties.clear();
+          for (int64_t c = 0; c < candidates; ++c) {
+            kept_ids[taken] = c;
+            taken += ranking[c] > threshold;
+            if (ranking[c] == threshold) ties.push_back(c);  // the threshold itself, and rare equal scores
+          }
+          for (size_t i = 0; i < ties.size() && taken < keys; ++i) kept_ids[taken++] = ties[i];
+        }
+        float sum[Dim ? Dim : 1];
+        float* out_row = out.data_ptr<float>() + (bh * reps + r) * dv;
+        float* accumulator = Dim ? sum : out_row;  // a fixed head size keeps the sums in registers
+        std::fill(accumulator, accumulator + dv, 0.f);
+        double denominator = 0.0;
+        std::fill(kept_mass.begin(), kept_mass.end(), 0.f);
+        std::fill(kept_count.begin(), kept_count.end(), 0);
+        for (int64_t i = 0; i < taken; ++i) {  // kept keys: exact values
+          const int64_t c = kept_ids[i], w = c / block;
+          add_scaled(weight[c], vb + (order[w] * block + c % block) * v_row, accumulator, dv);
+          denominator += weight[c];
+          kept_mass[w] += weight[c];
+          kept_count[w] += 1;
+        }
+        for (int64_t p = 0; p < partial; ++p) {  // the row's own partial block, exactly
+          add_scaled(local[r * partial + p], vb + (n_blocks * block + p) * v_row, accumulator, dv);
+          denominator += local[r * partial + p];
+        }
+        if (estimate) {
+          float dropped_blocks = 0.f;
+          for (int64_t w = 0; w < width; ++w) {  // dropped candidates: exact weight, the block's mean value
+            if (kept_count[w] == block) continue;
+            float mass = 0.f;
+            for (int64_t j = 0; j < block; ++j) mass += weight[w * block + j];
+            const float dropped = std::max(mass - kept_mass[w], 0.f);
+            const int64_t n = order[w];
+            dropped_blocks += 1.f;
+            add_scaled(dropped / counts[n], vsums + n * vs_row, accumulator, dv);
+            denominator += dropped;
+          }
+          drop_terms.data_ptr<float>()[bh * reps + r] = dropped_blocks;
+          const float* rest_weight = rest.data() + r * n_blocks;
+          for (int64_t n = 0; n < n_blocks; ++n) {  // blocks never read: n exp(q . mean key), the mean value
+            if (is_candidate[n]) continue;
+            add_scaled(rest_weight[n], vsums + n * vs_row, accumulator, dv);
+            denominator += static_cast<double>(rest_weight[n]) * counts[n];
+          }
+        }
+        const float inverse = static_cast<float>(1.0 / std::max(denominator, 1e-30));
+        for (int64_t d = 0; d < dv; ++d) out_row[d] = accumulator[d] * inverse;
       }
     }
   };
