@@ -109,3 +109,11 @@ def test_lean_path_matches_the_general_path_rows_and_costs(native, estimate, mon
     for name in COUNTERS:
         assert getattr(lean.stats.all, name) == pytest.approx(getattr(general.stats.all, name)), name
     assert lean.stats.all.rescored > lean.stats.all.exact  # candidates were scored beyond the kept keys
+
+
+def test_budget_for_one_row_equals_the_tensor_budgets():
+    for settings in (dict(budget=2048), dict(budget=5), dict(fraction=0.1), dict(fraction=0.25, min_keys=4),
+                     dict(exponent=0.5), dict()):
+        config = TreeKernelConfig(method="rescore", **settings)
+        for visible in (0, 1, 3, 15, 16, 17, 100, 1023, 1024, 32768, 65537):
+            assert config.budget_for(visible) == int(config.budgets(torch.tensor([float(visible)]))[0])

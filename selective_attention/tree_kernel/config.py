@@ -201,6 +201,20 @@ class TreeKernelConfig:
         keys = keys.clamp(min=self.min_keys if self.method in SELECTORS else 1)
         return torch.minimum(keys, visible.clamp(min=0)).to(torch.long)
 
+    def budget_for(self, visible: int) -> int:
+        """`budgets` for one row count, in Python (a decode step needs one number, not a tensor)."""
+        if self.budget is not None:
+            keys = float(self.budget)
+        elif self.fraction is not None:
+            keys = float(math.ceil(self.fraction * visible))
+        else:
+            exponent = self.exponent if self.exponent is not None else (
+                0.5 if self.method in SAMPLED_METHODS else None)
+            keys = float(math.ceil(max(visible, 1) ** exponent)) if exponent is not None else float(
+                math.ceil(0.1 * visible))
+        keys = max(keys, self.min_keys if self.method in SELECTORS else 1)
+        return int(min(keys, max(visible, 0)))
+
     def parallel_buds(self) -> int:
         """P: the originating rule 2^floor(log2(1024^(E/2))) is about sqrt(T) buds at l = 1024; with a budget of
         T buds, 2^floor(log2(sqrt(T)))."""

@@ -80,11 +80,12 @@ class KeyTree:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None, q_len: int) -> "KeyTree":
         """Bring the tree up to date with `key`/`value` (B, H, L, D): append when possible, else rebuild."""
-        if not self.matches(key, q_len):
+        extends = self.matches(key, q_len)
+        if not extends:
             self.length, self.capacity, self.buffers, self.sizes = 0, 0, {}, []
+            self._first = key[:, :, 0].clone()  # the same sequence keeps its first key
         self._append(key, value, key_valid)
         self.length = key.shape[2]
-        self._first = key[:, :, 0].clone()
         self._last = key[:, :, -1].clone()
         return self
 

@@ -92,7 +92,7 @@ class DecodePlan:
 
 def plan_step(config: TreeKernelConfig, length: int, block: int) -> DecodePlan | None:
     """The step's widths as `rescore_rows` computes them per row; None when the budget covers every key."""
-    budget = int(config.budgets(torch.tensor([length]))[0])
+    budget = config.budget_for(length)
     n_blocks = length // block
     if budget >= length or n_blocks == 0:
         return None
@@ -123,7 +123,7 @@ def rescore_decode(config: TreeKernelConfig, tree: KeyTree, key: torch.Tensor, v
             RANK_MODES[config.rank], config.estimate == "mean", scaling)
     else:
         output, drop_terms = _rescore_decode_torch(config, tree, key, value, query, scaling, plan)
-    drop = float(drop_terms.mean()) + plan.n_blocks - plan.width if config.estimate == "mean" else 0.0
+    drop = float(drop_terms.sum()) / drop_terms.numel() + plan.n_blocks - plan.width if config.estimate == "mean" else 0.0
     config.stats.add_rows(batch, plan.length, plan.budget, plan.keys + plan.partial, plan.keys + plan.partial + drop,
                           plan.n_blocks, plan.width * tree.block + plan.partial)
     return output
