@@ -132,8 +132,8 @@ std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Ten
     const int64_t dim = Dim ? Dim : dim_rt, dv = Dim ? Dim : dv_rt;
     std::vector<float> rank(n_blocks), mean(need_mean ? reps * n_blocks : 0), box(reps * 2 * dim),
         scaled(reps * dim), scores(reps * candidates), local(reps * std::max<int64_t>(partial, 1)), maxima(reps),
-        ranking(candidates), rest(estimate ? reps * n_blocks : 0);
-    std::vector<float> scratch, kept_mass(width);
+        rest(estimate ? reps * n_blocks : 0);
+    std::vector<float> scratch, kept_mass(width), pinned;
     std::vector<int64_t> order(n_blocks), ties, kept_ids(candidates), kept_count(width);
     std::vector<char> is_candidate(n_blocks), is_forced(n_blocks);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -230,27 +230,33 @@ std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Ten
       //    weights rank like the scores): the k-th largest as threshold, the keys above it and, in order, enough
       //    of those equal to it; then the terms, accumulated in registers
       for (int64_t r = 0; r < reps; ++r) {
-        const float* weight = scores.data() + r * candidates;
+        float* weight = scores.data() + r * candidates;
         int64_t taken = 0;
         if (keys >= candidates) {
           std::iota(kept_ids.begin(), kept_ids.end(), 0);
           taken = candidates;
         } else {
+          // forced blocks' keys rank first: their weights are +inf while the threshold is found (no copy)
+          pinned.clear();
           for (int64_t w = 0; w < width; ++w) {
-            const bool pinned = is_forced[order[w]];
+            if (!is_forced[order[w]]) continue;
             for (int64_t j = 0; j < block; ++j) {
-              const float v = weight[w * block + j];
-              ranking[w * block + j] = pinned ? kInf : (std::isnan(v) ? -kInf : v);
+              pinned.push_back(weight[w * block + j]);
+              weight[w * block + j] = kInf;
             }
           }
-          const float threshold = kth_largest(ranking.data(), candidates, keys, scratch);
+          const float threshold = kth_largest(weight, candidates, keys, scratch);
           ties.clear();
           for (int64_t c = 0; c < candidates; ++c) {
             kept_ids[taken] = c;
-            taken += ranking[c] > threshold;
-            if (ranking[c] == threshold) ties.push_back(c);  // the threshold itself, and rare equal scores
+            taken += weight[c] > threshold;
+            if (weight[c] == threshold) ties.push_back(c);  // the threshold itself, and rare equal weights
           }
           for (size_t i = 0; i < ties.size() && taken < keys; ++i) kept_ids[taken++] = ties[i];
+          for (int64_t w = 0, i = 0; w < width; ++w) {
+            if (!is_forced[order[w]]) continue;
+            for (int64_t j = 0; j < block; ++j) weight[w * block + j] = pinned[i++];
+          }
         }
         float sum[Dim ? Dim : 1];
         float* out_row = out.data_ptr<float>() + (bh * reps + r) * dv;
