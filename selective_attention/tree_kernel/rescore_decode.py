@@ -26,6 +26,7 @@ from selective_attention.tree_kernel.native import rescore_kernel
 from selective_attention.tree_kernel.ops import gather_nodes
 
 RANK_MODES = {"bound": 0, "mean": 1, "mix": 2}  # the fused kernel's codes for `config.rank`
+_EMPTY = torch.empty(0, 0, 0, 0)  # no block boxes (rank "mean" does not build them)
 
 
 def sees_whole_prefix(attention_mask: torch.Tensor | None) -> bool:
@@ -114,16 +115,16 @@ def rescore_decode(config: TreeKernelConfig, tree: KeyTree, key: torch.Tensor, v
     if plan is None or tree.num_blocks < plan.n_blocks:
         return None
     kernel = rescore_kernel() if key.dtype == value.dtype == torch.float32 else None
-    if kernel is not None:
-        level = tree.level(0)
-        forced = torch.tensor(plan.forced, dtype=torch.long)
-        output, drop_terms = kernel.rescore_decode(
-            query, key, value, level.get("kbox", torch.empty(0, 0, 0, 0)), level["ksum"], level["vsum"],
-            level["count"], forced, plan.n_blocks, tree.block, plan.width, plan.keys,
-            RANK_MODES[config.rank], config.estimate == "mean", scaling)
+    if kernel is not None:  # level 0 of the tree's buffers starts at row 0: the kernel reads rows [0, N)
+        stats = tree.buffers
+        output, drops = kernel.rescore_decode(
+            query, key, value, stats.get("kbox", _EMPTY), stats["ksum"], stats["vsum"], stats["count"],
+            list(plan.forced), plan.n_blocks, tree.block, plan.width, plan.keys, RANK_MODES[config.rank],
+            config.estimate == "mean", scaling)
     else:
         output, drop_terms = _rescore_decode_torch(config, tree, key, value, query, scaling, plan)
-    drop = float(drop_terms.sum()) / drop_terms.numel() + plan.n_blocks - plan.width if config.estimate == "mean" else 0.0
+        drops = float(drop_terms.sum()) / drop_terms.numel()
+    drop = drops + plan.n_blocks - plan.width if config.estimate == "mean" else 0.0
     config.stats.add_rows(batch, plan.length, plan.budget, plan.keys + plan.partial, plan.keys + plan.partial + drop,
                           plan.n_blocks, plan.width * tree.block + plan.partial)
     return output

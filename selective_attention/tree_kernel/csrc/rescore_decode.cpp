@@ -96,8 +96,8 @@ void check_rows(const at::Tensor& t, const char* name) {
 // query (B, H, R, D) unscaled; key, value (B, H, L, D / Dv); kbox (B, H, >=N, 2D) (empty for rank "mean"), ksum
 // (B, H, >=N, D), vsum (B, H, >=N, Dv), count (B, >=N); forced: block ids always kept. rank_mode: 0 bound,
 // 1 mean, 2 mix. Returns out (B, H, R, Dv) and, per head, the candidate blocks with a dropped key (B, H, R).
-std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Tensor value, at::Tensor kbox,
-                                       at::Tensor ksum, at::Tensor vsum, at::Tensor count, at::Tensor forced,
+std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, at::Tensor value, at::Tensor kbox,
+                                       at::Tensor ksum, at::Tensor vsum, at::Tensor count, std::vector<int64_t> forced,
                                        int64_t n_blocks, int64_t block, int64_t width, int64_t keys,
                                        int64_t rank_mode, bool estimate, double scaling) {
   check_rows(query, "query");
@@ -108,17 +108,14 @@ std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Ten
   if (rank_mode != 1) check_rows(kbox, "kbox");
   TORCH_CHECK(count.scalar_type() == at::kFloat && count.stride(1) == 1, "count must be float32 (B, N)");
   query = query.contiguous();
-  forced = forced.to(at::kLong).contiguous();
   const int64_t batch = query.size(0), heads = query.size(1), reps = query.size(2), dim_rt = query.size(3);
   const int64_t length = key.size(2), dv_rt = value.size(3), candidates = width * block;
   const int64_t partial = length - n_blocks * block;
-  TORCH_CHECK(n_blocks > 0 && width >= forced.numel() && width <= n_blocks && keys <= candidates,
+  TORCH_CHECK(n_blocks > 0 && width >= static_cast<int64_t>(forced.size()) && width <= n_blocks && keys <= candidates,
               "inconsistent widths");
   auto out = at::zeros({batch, heads, reps, dv_rt}, query.options());
   auto drop_terms = at::zeros({batch, heads, reps}, query.options());
   const float* q_all = query.data_ptr<float>();
-  const int64_t* forced_ids = forced.data_ptr<int64_t>();
-  const int64_t n_forced = forced.numel();
   const float scale = static_cast<float>(scaling);
   const bool need_mean = rank_mode != 0 || estimate;
 
@@ -172,9 +169,10 @@ std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Ten
         rank[n] = best;
       }
       std::fill(is_forced.begin(), is_forced.end(), 0);
-      for (int64_t f = 0; f < n_forced; ++f) {
-        rank[forced_ids[f]] = std::numeric_limits<float>::max();
-        is_forced[forced_ids[f]] = 1;
+      for (const int64_t f : forced) {
+        TORCH_CHECK(f >= 0 && f < n_blocks, "forced block out of range");
+        rank[f] = std::numeric_limits<float>::max();
+        is_forced[f] = 1;
       }
       // 2. the top `width` blocks (forced ones among them), in ascending order (reads the cache in order): the
       //    width-th largest rank as threshold, the blocks above it and, in order, enough of those equal to it
@@ -311,7 +309,7 @@ std::vector<at::Tensor> rescore_decode(at::Tensor query, at::Tensor key, at::Ten
   } else {
     dispatch(std::integral_constant<int64_t, 0>{});
   }
-  return {out, drop_terms};
+  return {out, drop_terms.mean().item<double>()};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
