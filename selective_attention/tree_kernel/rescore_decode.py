@@ -1,13 +1,13 @@
 """`rescore` at decode, the path `generate` takes: one query row per sequence that sees its whole causal prefix.
 
-The same selection and softmax terms as `rescore_rows` (tested against it and against a brute-force loop), in a
-few large ops instead of the general path's per-row masks: at 32K keys the general path spends most of a step on
-small tensors (a 32K-wide row mask, per-key forced and visible masks, the multi-part softmax's bookkeeping).
-Here every row of the batch has the same visible keys and budget, so widths are plain integers; the candidate
-set is shared by each KV group (`sharing="kv_group"`), so each candidate key is read once for the group; kept
-values are read in place (`embedding_bag`); the softmax is one running maximum over four groups of terms:
-kept keys, dropped candidates (exact weight, block-mean value), blocks never read (n exp(q . k_mean), v_mean)
-and the row's own partial block.
+The same selection and softmax terms as `rescore_rows` (tested against it and against a brute-force loop),
+without the general path's per-row masks: every row of the batch has the same visible keys and budget, so a
+step's widths are plain integers (`plan_step`), and the candidate set is shared by each KV group
+(`sharing="kv_group"`), so each candidate key is read once for the group. The step runs as the fused C++ kernel
+(`csrc/rescore_decode.cpp`, see `native.py`) when it is built and the cache is float32, else as the PyTorch ops
+below: candidate keys gathered chunk by chunk, kept values read in place (`embedding_bag`), one running maximum
+over the four groups of terms (kept keys; dropped candidates: exact weight, block-mean value; blocks never read:
+n exp(q . k_mean), v_mean; the row's own partial block).
 
 Falls back to `rescore_rows` (returns None) for what it does not cover: soft-capping, padding or a sliding
 window (a row that does not see its whole prefix), other sharing modes, and budgets that cover every key.

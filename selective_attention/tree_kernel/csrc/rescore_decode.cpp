@@ -1,9 +1,11 @@
-// `rescore` decode step on CPU, fused: rank every complete leaf block, pick the candidate blocks, score their keys
-// exactly (each key read once for its KV group), keep each query head's top keys, and sum the softmax terms
-// (kept keys, dropped candidates with their block's mean value, blocks never read with their mean key and value,
-// the row's own partial block) in one pass per (sequence, KV head). Nothing outside the candidate keys, the kept
-// values and the block summaries is read. Mirrors `rescore_decode.py` (the PyTorch path), tested against it and
-// against a brute-force loop.
+// `rescore` decode step on CPU, fused: rank every complete leaf block from its summaries, pick the candidate
+// blocks, score their keys exactly (each key read once for its KV group), keep each query head's top keys, and sum
+// the softmax terms (kept keys, dropped candidates with their block's mean value, blocks never read with their
+// mean key and value, the row's own partial block) in one pass per (sequence, KV head). Nothing outside the
+// candidate keys, the kept values and the block summaries is read. The same selection and terms as
+// `rescore_decode.py`'s PyTorch twin and the general path `rescore_rows`; tested against both and against a
+// brute-force loop (tests/test_tree_rescore_decode.py). Where the time goes (perf, 32K keys): the summaries and
+// candidate keys read from the cache hierarchy, the per-head thresholds, the scattered kept values.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
