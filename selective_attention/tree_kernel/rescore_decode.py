@@ -97,8 +97,8 @@ def plan_step(config: TreeKernelConfig, length: int, block: int) -> DecodePlan |
     n_blocks = length // block
     if budget >= length or n_blocks == 0:
         return None
-    forced = tuple(sorted(set(range(min(config.sink_blocks, n_blocks))) |
-                          set(range(max(n_blocks - config.local_blocks, 0), n_blocks))))
+    sink = min(config.sink_blocks, n_blocks)
+    forced = tuple(range(sink)) + tuple(range(max(n_blocks - config.local_blocks, sink), n_blocks))
     partial = length - n_blocks * block
     keys = max(budget - partial, len(forced) * block)
     width = min(max(math.ceil(keys * config.candidates / block), len(forced)), n_blocks)
