@@ -193,11 +193,6 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
       // 4. each query head's running maximum over every term it will add
       std::fill(maxima.begin(), maxima.end(), -kInf);
       for (int64_t w = 0; w < width; ++w) {
-        if (w + 2 < width) {  // candidate blocks are scattered: ask for the block after next ahead of time
-          const float* ahead = kb + order[w + 2] * block * k_row;
-          for (int64_t j = 0; j < block; ++j)
-            for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(ahead + j * k_row + d, 0, 2);
-        }
         for (int64_t j = 0; j < block; ++j) {
           const float* k = kb + (order[w] * block + j) * k_row;
           for (int64_t r = 0; r < reps; ++r) {
