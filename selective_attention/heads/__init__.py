@@ -31,8 +31,8 @@ from selective_attention.heads.scores import (
 from selective_attention.heads.selection import rank_heads, select_heads
 
 __all__ = [
-    "EMBEDDED_HEADWISE_SCORES", "EMBEDDED_MODEL_SCORES", "SHIPPED_SCORES", "Head", "HeadScores", "HeadSpec", "check_head_scores",
-    "group_by_layer", "head_key", "headwise_scores_path", "load_checked_head_scores", "load_head_scores", "load_sidecar", "mean_scores",
-    "model_head_scores", "parse_head", "parse_heads", "rank_heads", "save_head_scores", "select_heads",
-    "sidecar_path", "validate_heads",
+    "EMBEDDED_HEADWISE_SCORES", "EMBEDDED_MODEL_SCORES", "SHIPPED_SCORES", "Head", "HeadScores", "HeadSpec",
+    "check_head_scores", "group_by_layer", "head_key", "headwise_scores_path", "load_checked_head_scores",
+    "load_head_scores", "load_sidecar", "mean_scores", "model_head_scores", "parse_head", "parse_heads", "rank_heads",
+    "save_head_scores", "select_heads", "sidecar_path", "validate_heads",
 ]

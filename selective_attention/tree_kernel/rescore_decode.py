@@ -23,7 +23,7 @@ import torch
 from selective_attention.tree_kernel.config import TreeKernelConfig
 from selective_attention.tree_kernel.key_tree import KeyTree
 from selective_attention.tree_kernel.native import rescore_kernel
-from selective_attention.tree_kernel.ops import gather_nodes
+from selective_attention.tree_kernel.ops import IndexedValues, gather_nodes, row_mask
 
 RANK_MODES = {"bound": 0, "mean": 1, "mix": 2}  # the fused kernel's codes for `config.rank`
 _EMPTY = torch.empty(0, 0, 0, 0)  # no block boxes (rank "mean" does not build them)
@@ -33,24 +33,8 @@ def sees_whole_prefix(attention_mask: torch.Tensor | None) -> bool:
     """True when the mask of a single query row (B or 1, 1, 1, kv) hides nothing (no padding, no window)."""
     if attention_mask is None:
         return True
-    if attention_mask.dtype == torch.bool:
-        return bool(attention_mask.all())
-    return bool((attention_mask > torch.finfo(attention_mask.dtype).min / 2).all())
-
-
-def _weighted_values(value: torch.Tensor, positions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_k weights[..., k] value[b, h, positions[..., k]]: value (B, Hkv, L, Dv), positions / weights
-    (B, Hkv, R, K) -> (B, Hkv, R, Dv); reads only the kept rows (`embedding_bag` fuses gather and sum)."""
-    batch, kv_heads, n_rep, _ = positions.shape
-    if value.dtype != torch.float32:
-        kept = gather_nodes(value, positions).float()  # (B, Hkv, R, K, Dv)
-        return torch.einsum("bhrk,bhrkv->bhrv", weights, kept)
-    out = weights.new_empty(batch, kv_heads, n_rep, value.shape[-1])
-    for b in range(batch):
-        for h in range(kv_heads):
-            out[b, h] = torch.nn.functional.embedding_bag(positions[b, h], value[b, h],
-                                                          per_sample_weights=weights[b, h], mode="sum")
-    return out
+    batch, kv_len = attention_mask.shape[0], attention_mask.shape[-1]
+    return bool(row_mask(attention_mask, batch, 1, kv_len, attention_mask.device).all())
 
 
 #: candidate blocks gathered at a time: a chunk of keys (128 x 16 x 64 float32 = 512 KB) stays in the core's cache
@@ -174,7 +158,8 @@ def _rescore_decode_torch(config: TreeKernelConfig, tree: KeyTree, key: torch.Te
         maximum = torch.maximum(maximum, (rest + torch.log(count)).amax(-1, keepdim=True))
     weights = torch.exp(scores - maximum)
     kept = weights.gather(-1, order)
-    numerator = _weighted_values(value, positions[:, :, None].expand(-1, -1, n_rep, -1).gather(-1, order), kept)
+    kept_positions = positions[:, :, None].expand(-1, -1, n_rep, -1).gather(-1, order)  # (B, Hkv, R, K)
+    numerator = IndexedValues(value, kept_positions[:, :, :, None]).weighted(kept[:, :, :, None])[:, :, :, 0]
     denominator = kept.sum(-1)
     if plan.partial:
         local_weights = torch.exp(local - maximum)

@@ -97,7 +97,7 @@ void check_rows(const at::Tensor& t, const char* name) {
 
 // query (B, H, R, D) unscaled; key, value (B, H, L, D / Dv); kbox (B, H, >=N, 2D) (empty for rank "mean"), ksum
 // (B, H, >=N, D), vsum (B, H, >=N, Dv), count (B, >=N); forced: block ids always kept. rank_mode: 0 bound,
-// 1 mean, 2 mix. Returns out (B, H, R, Dv) and, per head, the candidate blocks with a dropped key (B, H, R).
+// 1 mean, 2 mix. Returns out (B, H, R, Dv) and the candidate blocks with a dropped key, averaged over the heads.
 std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, at::Tensor value, at::Tensor kbox,
                                        at::Tensor ksum, at::Tensor vsum, at::Tensor count, std::vector<int64_t> forced,
                                        int64_t n_blocks, int64_t block, int64_t width, int64_t keys,
@@ -115,6 +115,7 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
   const int64_t partial = length - n_blocks * block;
   TORCH_CHECK(n_blocks > 0 && width >= static_cast<int64_t>(forced.size()) && width <= n_blocks && keys <= candidates,
               "inconsistent widths");
+  for (const int64_t f : forced) TORCH_CHECK(f >= 0 && f < n_blocks, "forced block ", f, " out of range");
   auto out = at::zeros({batch, heads, reps, dv_rt}, query.options());
   auto drop_terms = at::zeros({batch, heads, reps}, query.options());
   const float* q_all = query.data_ptr<float>();
@@ -172,7 +173,6 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
       }
       std::fill(is_forced.begin(), is_forced.end(), 0);
       for (const int64_t f : forced) {
-        TORCH_CHECK(f >= 0 && f < n_blocks, "forced block out of range");
         rank[f] = std::numeric_limits<float>::max();
         is_forced[f] = 1;
       }
