@@ -117,3 +117,22 @@ def test_budget_for_one_row_equals_the_tensor_budgets():
         config = TreeKernelConfig(method="rescore", **settings)
         for visible in (0, 1, 3, 15, 16, 17, 100, 1023, 1024, 32768, 65537):
             assert config.budget_for(visible) == int(config.budgets(torch.tensor([float(visible)]))[0])
+
+
+def test_kernel_kth_largest_is_exact():
+    """The fused kernel's threshold (bit-by-bit search on order-preserving integer keys) against a sort: every
+    k, ties, negative values, +-inf and signed zeros, sizes on both sides of the candidate counts used in decode."""
+    kernel = rescore_kernel()
+    if kernel is None:
+        pytest.skip("no C++ toolchain for the fused kernel here")
+    generator = torch.Generator().manual_seed(0)
+    cases = [torch.randn(8192, generator=generator).exp(), torch.randn(2048, generator=generator) * 100,
+             torch.randint(-3, 4, (1000,), generator=generator).float(),  # many ties
+             torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 0.0, 3.4e38, -3.4e38, 1e-45]),
+             torch.tensor([2.5])]
+    for values in cases:
+        ordered = values.sort(descending=True).values
+        n = values.numel()
+        ks = {k for k in (1, 2, n // 4, n // 2, n - 1, n) if 1 <= k <= n}
+        for k in sorted(ks) + torch.randint(1, n + 1, (20,), generator=generator).tolist():
+            assert kernel.kth_largest(values, k) == float(ordered[k - 1]), (n, k)

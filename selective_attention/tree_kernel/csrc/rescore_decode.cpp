@@ -10,7 +10,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <functional>
 #include <type_traits>
 #include <cmath>
 #include <cstdint>
@@ -33,41 +32,31 @@ inline void add_scaled(float weight, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += weight * x[i];
 }
 
-// The k-th largest of values[0, n) (1 <= k <= n, no NaN), exactly: a strided sample brackets it, one pass
-// counts the values above the bracket and copies those inside, and only those are partially sorted; when the
-// bracket misses (rare), nth_element on everything.
-float kth_largest(const float* values, int64_t n, int64_t k, std::vector<float>& scratch) {
+// The k-th largest of values[0, n) (1 <= k <= n, no NaN), exactly, without sorting: each float is mapped to an
+// unsigned integer of the same order (sign bit flipped, negatives' other bits inverted) and the k-th largest key
+// is built bit by bit, from the top: keep a bit set when at least k keys are >= the prefix with it set. 32
+// vectorised counting passes, no data-dependent branches (nth_element mispredicts on every other element).
+float kth_largest(const float* values, int64_t n, int64_t k, std::vector<uint32_t>& scratch) {
   scratch.resize(n);
-  float* band = scratch.data();
-  if (n > 2048) {
-    const int64_t stride = n / 256, samples = n / stride;
-    for (int64_t i = 0; i < samples; ++i) band[i] = values[i * stride];
-    const int64_t at = k * samples / n, margin = std::max<int64_t>(8, samples / 16);
-    const int64_t hi_at = at - margin, lo_at = at + margin;
-    auto sample_kth = [&](int64_t i) {  // i-th largest of the sample, 0-based
-      std::nth_element(band, band + i, band + samples, std::greater<float>());
-      return band[i];
-    };
-    const float hi = hi_at < 0 ? std::numeric_limits<float>::infinity() : sample_kth(hi_at);
-    const float lo = lo_at >= samples ? -std::numeric_limits<float>::infinity() : sample_kth(lo_at);
-    int64_t above = 0, inside = 0;
-#pragma omp simd reduction(+ : above)
-    for (int64_t i = 0; i < n; ++i) above += values[i] > hi;
-    if (above < k) {
-      for (int64_t i = 0; i < n; ++i) {
-        const float v = values[i];
-        band[inside] = v;
-        inside += (v >= lo) & (v <= hi);  // branch-free copy of the values inside the bracket
-      }
-      if (above + inside >= k) {
-        std::nth_element(band, band + (k - above - 1), band + inside, std::greater<float>());
-        return band[k - above - 1];
-      }
-    }
+  uint32_t* keys = scratch.data();
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, values + i, sizeof(bits));
+    keys[i] = bits ^ (static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u);
   }
-  std::copy(values, values + n, band);
-  std::nth_element(band, band + (k - 1), band + n, std::greater<float>());
-  return band[k - 1];
+  uint32_t prefix = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t trial = prefix | (1u << bit);
+    int64_t at_least = 0;
+#pragma omp simd reduction(+ : at_least)
+    for (int64_t i = 0; i < n; ++i) at_least += keys[i] >= trial;
+    if (at_least >= k) prefix = trial;
+  }
+  const uint32_t bits = prefix ^ ((prefix >> 31) ? 0x80000000u : 0xFFFFFFFFu);
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
 }
 
 // x[i] <- exp(x[i] - shift) for x[i] - shift <= 0 (every term is at most the maximum): 2^k exp(r) with
@@ -133,7 +122,8 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
     std::vector<float> rank(n_blocks), mean(need_mean ? reps * n_blocks : 0), box(reps * 2 * dim),
         scaled(reps * dim), scores(reps * candidates), local(reps * std::max<int64_t>(partial, 1)), maxima(reps),
         rest(estimate ? reps * n_blocks : 0);
-    std::vector<float> scratch, kept_mass(width), pinned;
+    std::vector<uint32_t> scratch;
+    std::vector<float> kept_mass(width), pinned;
     std::vector<int64_t> order(n_blocks), ties, kept_ids(candidates), kept_count(width);
     std::vector<char> is_candidate(n_blocks), is_forced(n_blocks);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -314,6 +304,15 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
   return {out, drop_terms.mean().item<double>()};
 }
 
+// kth_largest on a 1-D float32 tensor, for the tests.
+double kth_largest_of(at::Tensor values, int64_t k) {
+  values = values.contiguous();
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.dim() == 1 && k >= 1 && k <= values.numel(), "bad input");
+  std::vector<uint32_t> scratch;
+  return kth_largest(values.data_ptr<float>(), values.numel(), k, scratch);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("kth_largest", &kth_largest_of, "k-th largest value of a 1-D float32 tensor (test hook)");
   m.def("rescore_decode", &rescore_decode, "Fused rescore decode step (CPU, float32)");
 }
