@@ -18,6 +18,10 @@
 #include <numeric>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 inline float dot(const float* a, const float* b, int64_t n) {
@@ -57,6 +61,33 @@ float kth_largest(const float* values, int64_t n, int64_t k, std::vector<uint32_
   float out;
   std::memcpy(&out, &bits, sizeof(out));
   return out;
+}
+
+// Indices of the weights above `threshold` into `kept` (ascending) and of those equal to it into `ties`; returns
+// how many are above. AVX-512 compresses 16 at a time where the compiler targets it.
+int64_t above_threshold(const float* weight, int64_t n, float threshold, int32_t* kept, std::vector<int32_t>& ties) {
+  int64_t taken = 0, c = 0;
+  ties.clear();
+#if defined(__AVX512F__)
+  const __m512 limit = _mm512_set1_ps(threshold);
+  __m512i index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; c + 16 <= n; c += 16) {
+    const __m512 values = _mm512_loadu_ps(weight + c);
+    const __mmask16 above = _mm512_cmp_ps_mask(values, limit, _CMP_GT_OQ);
+    _mm512_mask_compressstoreu_epi32(kept + taken, above, index);
+    taken += __builtin_popcount(above);
+    for (unsigned equal = _mm512_cmp_ps_mask(values, limit, _CMP_EQ_OQ); equal; equal &= equal - 1) {
+      ties.push_back(static_cast<int32_t>(c + __builtin_ctz(equal)));
+    }
+    index = _mm512_add_epi32(index, _mm512_set1_epi32(16));
+  }
+#endif
+  for (; c < n; ++c) {
+    kept[taken] = static_cast<int32_t>(c);
+    taken += weight[c] > threshold;
+    if (weight[c] == threshold) ties.push_back(static_cast<int32_t>(c));
+  }
+  return taken;
 }
 
 // x[i] <- exp(x[i] - shift) for x[i] - shift <= 0 (every term is at most the maximum): 2^k exp(r) with
@@ -124,7 +155,8 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
         rest(estimate ? reps * n_blocks : 0);
     std::vector<uint32_t> scratch;
     std::vector<float> kept_mass(width), pinned;
-    std::vector<int64_t> order(n_blocks), ties, kept_ids(candidates), kept_count(width);
+    std::vector<int64_t> order(n_blocks), kept_count(width);
+    std::vector<int32_t> ties, kept_ids(candidates);
     std::vector<char> is_candidate(n_blocks), is_forced(n_blocks);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
@@ -245,12 +277,8 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
             }
           }
           const float threshold = kth_largest(weight, candidates, keys, scratch);
-          ties.clear();
-          for (int64_t c = 0; c < candidates; ++c) {
-            kept_ids[taken] = c;
-            taken += weight[c] > threshold;
-            if (weight[c] == threshold) ties.push_back(c);  // the threshold itself, and rare equal weights
-          }
+          taken = above_threshold(weight, candidates, threshold, kept_ids.data(), ties);
+          // then, in order, the weights equal to the threshold (itself, and rare ties) until `keys` are kept
           for (size_t i = 0; i < ties.size() && taken < keys; ++i) kept_ids[taken++] = ties[i];
           for (int64_t w = 0, i = 0; w < width; ++w) {
             if (!is_forced[order[w]]) continue;
