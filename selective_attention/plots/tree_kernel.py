@@ -26,18 +26,23 @@ def plot_cumulative_perplexity(dense: list[float], curves: dict[str, dict[str, l
     figure, axes = plt.subplots(2, len(budgets), figsize=(5 * len(budgets), 7), squeeze=False, sharex=True)
     reference = cumulative_perplexity(dense)
     positions = np.arange(1, reference.size + 1)
+    # one colour per configuration in every column, so a method is the same line across budgets
+    labels = sorted({label for by_label in curves.values() for label in by_label})
+    palette = plt.get_cmap("tab10")
+    colors = {label: palette(index % 10) for index, label in enumerate(labels)}
     for column, budget in enumerate(budgets):
         top, bottom = axes[0, column], axes[1, column]
         top.plot(positions, reference, color="black", lw=1.2, label="dense")
         bottom.axhline(0, color="black", lw=1.2)
         for label, nll in curves[budget].items():
             curve = cumulative_perplexity(nll)
-            line, = top.plot(positions, curve, lw=1, label=label)
-            bottom.plot(positions, 100 * (curve / reference - 1), lw=1, color=line.get_color())
+            top.plot(positions, curve, lw=1, label=label, color=colors[label])
+            bottom.plot(positions, 100 * (curve / reference - 1), lw=1, color=colors[label])
         for axis in (top, bottom):
             if budget.isdigit():
                 axis.axvline(int(budget), color="grey", ls=":", lw=0.8)
         top.set_yscale("log")
+        bottom.set_yscale("symlog", linthresh=1.0)  # linear within +-1%, so a +2% and a +90% curve both read
         top.set_title(f"budget {budget} keys")
         top.set_ylabel("cumulative perplexity")
         bottom.set_ylabel("excess over dense (%)")
