@@ -52,7 +52,7 @@ float kth_largest(const float* values, int64_t n, int64_t k, std::vector<uint32_
   uint32_t prefix = 0;
   for (int bit = 31; bit >= 0; --bit) {
     const uint32_t trial = prefix | (1u << bit);
-    int64_t at_least = 0;
+    int32_t at_least = 0;  // 32-bit: 16 lanes per vector (n < 2^31)
 #pragma omp simd reduction(+ : at_least)
     for (int64_t i = 0; i < n; ++i) at_least += keys[i] >= trial;
     if (at_least >= k) prefix = trial;
@@ -136,6 +136,7 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
   TORCH_CHECK(n_blocks > 0 && width >= static_cast<int64_t>(forced.size()) && width <= n_blocks && keys <= candidates,
               "inconsistent widths");
   for (const int64_t f : forced) TORCH_CHECK(f >= 0 && f < n_blocks, "forced block ", f, " out of range");
+  TORCH_CHECK(candidates < std::numeric_limits<int32_t>::max(), "too many candidates for 32-bit indices");
   auto out = at::zeros({batch, heads, reps, dv_rt}, query.options());
   auto drop_terms = at::zeros({batch, heads, reps}, query.options());
   const float* q_all = query.data_ptr<float>();
