@@ -129,7 +129,8 @@ def test_kernel_kth_largest_is_exact():
     cases = [torch.randn(8192, generator=generator).exp(), torch.randn(2048, generator=generator) * 100,
              torch.randint(-3, 4, (1000,), generator=generator).float(),  # many ties
              torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 0.0, 3.4e38, -3.4e38, 1e-45]),
-             torch.tensor([2.5])]
+             torch.tensor([2.5]), torch.full((100,), 7.0),
+             1 + torch.rand(5000, generator=generator) * 1e-3]  # the top 16 bits shared: the search narrows twice
     for values in cases:
         ordered = values.sort(descending=True).values
         n = values.numel()

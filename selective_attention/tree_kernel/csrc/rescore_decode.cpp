@@ -36,10 +36,34 @@ inline void add_scaled(float weight, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += weight * x[i];
 }
 
+// Keeps in keys[0, live) those whose bits under `mask` equal `prefix` (in place, order kept); adds to `higher` the
+// number above that range. Returns the new `live`.
+int64_t narrow_keys(uint32_t* keys, int64_t live, uint32_t mask, uint32_t prefix, int64_t& higher) {
+  int64_t kept = 0, i = 0;
+#if defined(__AVX512F__)
+  const __m512i bits = _mm512_set1_epi32(static_cast<int>(mask)), target = _mm512_set1_epi32(static_cast<int>(prefix));
+  for (; i + 16 <= live; i += 16) {
+    const __m512i top = _mm512_and_si512(_mm512_loadu_si512(keys + i), bits);
+    higher += __builtin_popcount(_mm512_cmpgt_epu32_mask(top, target));
+    const __mmask16 equal = _mm512_cmpeq_epi32_mask(top, target);
+    _mm512_mask_compressstoreu_epi32(keys + kept, equal, _mm512_loadu_si512(keys + i));  // kept <= i: safe
+    kept += __builtin_popcount(equal);
+  }
+#endif
+  for (; i < live; ++i) {
+    const uint32_t key = keys[i];
+    higher += (key & mask) > prefix;
+    keys[kept] = key;
+    kept += (key & mask) == prefix;
+  }
+  return kept;
+}
+
 // The k-th largest of values[0, n) (1 <= k <= n, no NaN), exactly, without sorting: each float is mapped to an
 // unsigned integer of the same order (sign bit flipped, negatives' other bits inverted) and the k-th largest key
-// is built bit by bit, from the top: keep a bit set when at least k keys are >= the prefix with it set. 32
-// vectorised counting passes, no data-dependent branches (nth_element mispredicts on every other element).
+// is built bit by bit, from the top: keep a bit set when at least k keys are >= the prefix with it set. Counting
+// passes are vectorised with no data-dependent branches (nth_element mispredicts on every other element); after
+// the top 8 and 16 bits only the keys sharing them are kept, so most of the 32 passes run on a small remainder.
 float kth_largest(const float* values, int64_t n, int64_t k, std::vector<uint32_t>& scratch) {
   scratch.resize(n);
   uint32_t* keys = scratch.data();
@@ -50,12 +74,14 @@ float kth_largest(const float* values, int64_t n, int64_t k, std::vector<uint32_
     keys[i] = bits ^ (static_cast<uint32_t>(static_cast<int32_t>(bits) >> 31) | 0x80000000u);
   }
   uint32_t prefix = 0;
+  int64_t live = n, higher = 0;  // keys[0, live) share prefix's decided bits; `higher` keys are above them all
   for (int bit = 31; bit >= 0; --bit) {
     const uint32_t trial = prefix | (1u << bit);
     int32_t at_least = 0;  // 32-bit: 16 lanes per vector (n < 2^31)
 #pragma omp simd reduction(+ : at_least)
-    for (int64_t i = 0; i < n; ++i) at_least += keys[i] >= trial;
-    if (at_least >= k) prefix = trial;
+    for (int64_t i = 0; i < live; ++i) at_least += keys[i] >= trial;
+    if (higher + at_least >= k) prefix = trial;
+    if (bit == 24 || bit == 16) live = narrow_keys(keys, live, ~((1u << bit) - 1), prefix, higher);
   }
   const uint32_t bits = prefix ^ ((prefix >> 31) ? 0x80000000u : 0xFFFFFFFFu);
   float out;
@@ -153,7 +179,7 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
     const int64_t dim = Dim ? Dim : dim_rt, dv = Dim ? Dim : dv_rt;
     std::vector<float> rank(n_blocks), mean(need_mean ? reps * n_blocks : 0), box(reps * 2 * dim),
         scaled(reps * dim), scores(reps * candidates), local(reps * std::max<int64_t>(partial, 1)), maxima(reps),
-        rest(estimate ? reps * n_blocks : 0);
+        rest(estimate ? reps * n_blocks : 0), log_counts(estimate ? n_blocks : 0);
     std::vector<uint32_t> scratch;
     std::vector<float> kept_mass(width), pinned;
     std::vector<int64_t> order(n_blocks), kept_count(width);
@@ -253,14 +279,18 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
           maxima[r] = std::max(maxima[r], local[r * partial + p]);
         }
       }
-      if (estimate) {  // blocks never read: logit q . mean key, n terms
-        for (int64_t n = 0; n < n_blocks; ++n) {
-          const float log_count = counts[n] == block ? log_block : std::log(counts[n]);
-          for (int64_t r = 0; r < reps; ++r) {
-            const float logit = is_candidate[n] ? -kInf : mean[r * n_blocks + n] * scale;
-            rest[r * n_blocks + n] = logit;
-            maxima[r] = std::max(maxima[r], logit + log_count);
+      if (estimate) {  // blocks never read: logit q . mean key, n terms (head-major, so the loop vectorises)
+        for (int64_t n = 0; n < n_blocks; ++n) log_counts[n] = counts[n] == block ? log_block : std::log(counts[n]);
+        for (int64_t r = 0; r < reps; ++r) {
+          const float* head_mean = mean.data() + r * n_blocks;
+          float* logits = rest.data() + r * n_blocks;
+          float best = maxima[r];
+#pragma omp simd reduction(max : best)
+          for (int64_t n = 0; n < n_blocks; ++n) {
+            logits[n] = is_candidate[n] ? -kInf : head_mean[n] * scale;
+            best = std::max(best, logits[n] + log_counts[n]);
           }
+          maxima[r] = best;
         }
       }
       // 5. the softmax weights exp(term - maximum), in place
