@@ -183,7 +183,7 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
     std::vector<uint32_t> scratch;
     std::vector<float> kept_mass(width), pinned;
     std::vector<int64_t> order(n_blocks), kept_count(width);
-    std::vector<int32_t> ties, kept_ids(candidates);
+    std::vector<int32_t> ties, kept_ids(candidates), picked(n_blocks);
     std::vector<char> is_candidate(n_blocks), is_forced(n_blocks);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
@@ -240,14 +240,8 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
       // 2. the top `width` blocks (forced ones among them), in ascending order (reads the cache in order): the
       //    width-th largest rank as threshold, the blocks above it and, in order, enough of those equal to it
       const float block_threshold = kth_largest(rank.data(), n_blocks, width, scratch);
-      int64_t picked = 0, equal_needed = width;
-      for (int64_t n = 0; n < n_blocks; ++n) equal_needed -= rank[n] > block_threshold;
-      for (int64_t n = 0; n < n_blocks; ++n) {
-        const bool above = rank[n] > block_threshold, tie = rank[n] == block_threshold && equal_needed > 0;
-        equal_needed -= tie;
-        order[picked] = n;
-        picked += above || tie;
-      }
+      const int64_t above = above_threshold(rank.data(), n_blocks, block_threshold, picked.data(), ties);
+      std::merge(picked.begin(), picked.begin() + above, ties.begin(), ties.begin() + (width - above), order.begin());
       std::fill(is_candidate.begin(), is_candidate.end(), 0);
       for (int64_t w = 0; w < width; ++w) is_candidate[order[w]] = 1;
       // 3. exact scores of the candidate keys (each key read once for the group) and of the partial block, with
