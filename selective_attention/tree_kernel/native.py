@@ -9,6 +9,7 @@ terms, slower: it materialises the candidate keys and the per-head selections as
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -17,6 +18,7 @@ from types import ModuleType
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "rescore_decode.cpp"
+HEADERS = (Path(__file__).parent / "csrc" / "selection.h",)
 ENV_SWITCH = "SELECTIVE_ATTENTION_NATIVE"
 
 
@@ -26,7 +28,9 @@ def _build() -> ModuleType | None:
         from torch.utils.cpp_extension import load
 
         logger.info("building the fused rescore decode kernel (once per machine)")
-        return load(name="sa_rescore_decode", sources=[str(SOURCE)], verbose=False,
+        # the build cache is keyed by the name: hashing the sources and headers into it rebuilds after any change
+        digest = hashlib.sha256(b"".join(path.read_bytes() for path in (SOURCE, *HEADERS))).hexdigest()[:12]
+        return load(name=f"sa_rescore_decode_{digest}", sources=[str(SOURCE)], verbose=False,
                     extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math"])
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, another platform: the PyTorch path still works
         logger.warning("fused rescore decode kernel unavailable (%s); using the PyTorch path", error)
