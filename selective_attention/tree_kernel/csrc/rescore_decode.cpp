@@ -23,6 +23,8 @@
 
 namespace {
 
+constexpr int64_t kFloatBytes = sizeof(float), kLineBytes = 64;  // prefetch strides: a value, a cache line
+
 inline float dot(const float* a, const float* b, int64_t n) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -130,11 +132,15 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
         if (n + kRowsAhead < n_blocks) {
           if (need_mean) {
             const char* sums_ahead = reinterpret_cast<const char*>(sums + (n + kRowsAhead) * s_row);
-            for (int64_t byte = 0; byte < dim * 4; byte += 64) __builtin_prefetch(sums_ahead + byte, 0, 2);
+            for (int64_t byte = 0; byte < dim * kFloatBytes; byte += kLineBytes) {
+              __builtin_prefetch(sums_ahead + byte, 0, 2);
+            }
           }
           if (boxes) {
             const char* boxes_ahead = reinterpret_cast<const char*>(boxes + (n + kRowsAhead) * box_row);
-            for (int64_t byte = 0; byte < dim * 8; byte += 64) __builtin_prefetch(boxes_ahead + byte, 0, 2);
+            for (int64_t byte = 0; byte < 2 * dim * kFloatBytes; byte += kLineBytes) {
+              __builtin_prefetch(boxes_ahead + byte, 0, 2);
+            }
           }
         }
         float best = -kInf;
@@ -175,7 +181,9 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
                                 : nullptr;
         for (int64_t j = 0; j < block; ++j) {
           if (ahead) {
-            for (int64_t byte = 0; byte < dim * 4; byte += 64) __builtin_prefetch(ahead + j * k_row * 4 + byte, 0, 2);
+            for (int64_t byte = 0; byte < dim * kFloatBytes; byte += kLineBytes) {
+              __builtin_prefetch(ahead + j * k_row * kFloatBytes + byte, 0, 2);
+            }
           }
           const float* k = kb + (order[w] * block + j) * k_row;
           for (int64_t r = 0; r < reps; ++r) {
@@ -300,7 +308,8 @@ std::tuple<at::Tensor, double> rescore_decode(at::Tensor query, at::Tensor key, 
 // kth_largest on a 1-D float32 tensor, for the tests.
 double kth_largest_of(at::Tensor values, int64_t k) {
   values = values.contiguous();
-  TORCH_CHECK(values.scalar_type() == at::kFloat && values.dim() == 1 && k >= 1 && k <= values.numel(), "bad input");
+  TORCH_CHECK(values.scalar_type() == at::kFloat && values.dim() == 1 && k >= 1 && k <= values.numel(),
+              "kth_largest needs a 1-D float32 tensor and 1 <= k <= its size");
   std::vector<uint32_t> scratch;
   return selection::kth_largest(values.data_ptr<float>(), values.numel(), k, scratch);
 }
