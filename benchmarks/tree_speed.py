@@ -74,8 +74,8 @@ def vectors_read(config: TreeKernelConfig, costs: dict, length: int) -> float:
     estimate = (2 if config.rank == "bound" else 1) * blocks if config.estimate == "mean" else 0
     per_key = 1 if config.sharing in ("kv_group", "all") else group
     keys = costs["rescored"] * per_key
-    # values counted per query head: an upper bound for the fused kernel, which reads a value kept by several
-    # heads of a group once
+    # values counted per query head, as the fused kernel reads them (a value kept by several heads of a group is
+    # read again, usually from cache)
     values = costs["exact"] * (group if config.method == "rescore" else per_key)
     return (ranked + estimate + keys + values) / (2 * length)
 

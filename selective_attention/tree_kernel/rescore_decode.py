@@ -165,7 +165,7 @@ def _rescore_decode_torch(config: TreeKernelConfig, tree: KeyTree, key: torch.Te
         local_weights = torch.exp(local - maximum)
         numerator = numerator + torch.matmul(local_weights, value[:, :, n_blocks * block:].float())
         denominator = denominator + local_weights.sum(-1)
-    drop_terms = torch.zeros(batch, kv_heads, n_rep)
+    drop_terms = torch.zeros(batch, kv_heads, n_rep, device=query.device)
     if config.estimate == "mean":
         # dropped candidates: their exact weight, carried by their block's mean value
         dropped = weights.scatter(-1, order, 0.0).view(batch, kv_heads, n_rep, width, block).sum(-1)

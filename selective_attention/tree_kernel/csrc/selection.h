@@ -15,7 +15,7 @@ namespace selection {
 
 // Keeps in keys[0, live) those whose bits under `mask` equal `prefix` (in place, order kept); adds to `higher` the
 // number above that range. Returns the new `live`.
-int64_t narrow_keys(uint32_t* keys, int64_t live, uint32_t mask, uint32_t prefix, int64_t& higher) {
+inline int64_t narrow_keys(uint32_t* keys, int64_t live, uint32_t mask, uint32_t prefix, int64_t& higher) {
   int64_t kept = 0, i = 0;
 #if defined(__AVX512F__)
   const __m512i bits = _mm512_set1_epi32(static_cast<int>(mask)), target = _mm512_set1_epi32(static_cast<int>(prefix));
@@ -41,7 +41,7 @@ int64_t narrow_keys(uint32_t* keys, int64_t live, uint32_t mask, uint32_t prefix
 // is built bit by bit, from the top: keep a bit set when at least k keys are >= the prefix with it set. Counting
 // passes are vectorised with no data-dependent branches (nth_element mispredicts on every other element); after
 // the top 8 and 16 bits only the keys sharing them are kept, so most of the 32 passes run on a small remainder.
-float kth_largest(const float* values, int64_t n, int64_t k, std::vector<uint32_t>& scratch) {
+inline float kth_largest(const float* values, int64_t n, int64_t k, std::vector<uint32_t>& scratch) {
   scratch.resize(n);
   uint32_t* keys = scratch.data();
 #pragma omp simd
@@ -68,7 +68,8 @@ float kth_largest(const float* values, int64_t n, int64_t k, std::vector<uint32_
 
 // Indices of the weights above `threshold` into `kept` (ascending) and of those equal to it into `ties`; returns
 // how many are above. AVX-512 compresses 16 at a time where the compiler targets it.
-int64_t above_threshold(const float* weight, int64_t n, float threshold, int32_t* kept, std::vector<int32_t>& ties) {
+inline int64_t above_threshold(const float* weight, int64_t n, float threshold, int32_t* kept,
+                               std::vector<int32_t>& ties) {
   int64_t taken = 0, c = 0;
   ties.clear();
 #if defined(__AVX512F__)
