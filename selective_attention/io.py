@@ -38,3 +38,23 @@ def write_text(path: str | Path, text: str) -> Path:
 def write_json(path: str | Path, data: Any, indent: int | None = 2) -> Path:
     """JSON (UTF-8, non-ASCII kept, trailing newline); NaN is refused, as it is not JSON."""
     return write_text(path, json.dumps(data, indent=indent, ensure_ascii=False, allow_nan=False) + "\n")
+
+
+def load_resumable(path: str | Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """What an earlier run with the same `settings` left in the JSON file `path` ({} when there is no file).
+
+    A file written under other settings is refused (ValueError naming what differs) rather than started over: it
+    may hold hours of finished work. The check needs no model, so a command can make it before any work.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    theirs = saved.get("settings") or {}
+    ours = json.loads(json.dumps(settings))  # tuples -> lists, as they were saved
+    if theirs != ours:
+        differing = ", ".join(f"{key}: {theirs.get(key)!r} there, {ours.get(key)!r} here"
+                              for key in sorted(set(theirs) | set(ours)) if theirs.get(key) != ours.get(key))
+        raise ValueError(f"{path} holds a run with other settings ({differing}); pass another --output, or move the "
+                         "file away to start over")
+    return saved

@@ -69,3 +69,23 @@ def test_cli_passkey(tiny_checkpoint, tmp_path):  # noqa: F811
     assert results["rescore@16"]["costs"]["past_budget"]["exact"] == pytest.approx(16)  # layer 1 approximated
     assert "| rescore | 16 |" in output.with_suffix(".md").read_text()
     assert output.with_suffix(".png").stat().st_size > 0
+
+
+def test_cli_passkey_refuses_an_output_from_other_settings_and_keeps_it(tmp_path, caplog):
+    output = tmp_path / "passkey"
+    saved = '{"settings": {"leaf_block": 8}, "trials": {"200/0/0": {}}}\n'
+    output.with_suffix(".json").write_text(saved)
+    assert main(["passkey", "--model", str(tmp_path / "no-model"), "--output", str(output)]) == 2
+    assert "other settings (" in caplog.text and "leaf_block: 8 there, 16 here" in caplog.text
+    assert output.with_suffix(".json").read_text() == saved
+
+
+def test_cli_passkey_rerun_with_the_same_settings_adds_trials_and_keeps_the_done_ones(tiny_checkpoint, tmp_path):  # noqa: F811
+    output = tmp_path / "passkey"
+    flags = ["passkey", "--model", str(tiny_checkpoint), "--lengths", "200", "--seeds", "0", "--budgets", "16",
+             "--methods", "topk", "--answer-tokens", "2", "--dense-layers", "0", "--output", str(output)]
+    assert main(flags + ["--depths", "0"]) == 0
+    first = json.loads(output.with_suffix(".json").read_text())["trials"]
+    assert main(flags + ["--depths", "0", "1"]) == 0
+    second = json.loads(output.with_suffix(".json").read_text())["trials"]
+    assert set(second) == {"200/0/0", "200/1/0"} and second["200/0/0"] == first["200/0/0"]

@@ -95,3 +95,25 @@ def test_cli_ranks_name_the_rows_and_keep_the_default_names(tiny_checkpoint, tmp
     results = json.loads(output.with_suffix(".json").read_text())["results"]
     assert set(results) == {"rescore/b4/x4/kv_group/mean@16", "rescore/b4/x4/kv_group/mean/rank-mix@16"}
     assert results["rescore/b4/x4/kv_group/mean/rank-mix@16"]["config"]["rank"] == "mix"
+
+
+def test_cli_refuses_an_output_from_other_settings_and_keeps_it(tmp_path, caplog):
+    output = tmp_path / "ppl"
+    saved = '{"settings": {"context": 4096}, "results": {"dense": {"ppl": 9.0}}}\n'
+    output.with_suffix(".json").write_text(saved)
+    # the model path does not exist: the refusal comes first, before any loading
+    assert main(["tree-ppl", "--model", str(tmp_path / "no-model"), "--context", "64", "--output", str(output)]) == 2
+    assert "other settings (context: 4096 there, 64 here" in caplog.text
+    assert output.with_suffix(".json").read_text() == saved
+
+
+def test_cli_rerun_with_the_same_settings_adds_rows_and_keeps_the_measured_ones(tiny_checkpoint, tmp_path):
+    output = tmp_path / "ppl"
+    flags = ["tree-ppl", "--model", str(tiny_checkpoint), "--context", "48", "--budgets", "16", "--dense-layers",
+             "0", "--leaf-blocks", "4", "--output", str(output)]
+    assert main(flags + ["--methods", "dense", "topk"]) == 0
+    first = json.loads(output.with_suffix(".json").read_text())["results"]
+    assert main(flags + ["--methods", "dense", "topk", "bound"]) == 0
+    second = json.loads(output.with_suffix(".json").read_text())["results"]
+    assert set(second) == set(first) | {"bound/b4/mean@16"}
+    assert {name: second[name] for name in first} == first  # seconds included: not measured again

@@ -10,12 +10,11 @@ atomically; an interrupted run resumes). Writes <output>.json, <output>.md and <
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 from selective_attention.cli.arguments import add_model_arguments
-from selective_attention.io import write_json, write_text
+from selective_attention.io import load_resumable, write_json, write_text
 from selective_attention.loading.loader import load_model
 from selective_attention.plots.tree_kernel import plot_passkey
 from selective_attention.tree_kernel import TreeKernelConfig
@@ -76,16 +75,15 @@ def report(table: dict[str, dict[str, float]], settings: dict, budgets: list[int
 
 def run(args: argparse.Namespace) -> int:
     dense_layers = [] if args.dense_layers == "none" else [int(x) for x in args.dense_layers.split(",") if x]
-    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
-    configs = configurations(args, approximated_layers(model, dense_layers))
     output = Path(args.output)
     json_path = output.with_suffix(".json")
     settings = dict(model=args.model or "embedded SmolLM2-135M-Instruct", dense_layers=args.dense_layers,
                     leaf_block=args.leaf_block, candidates=args.candidates, tail=args.tail,
                     **({"rank": args.rank} if args.rank != "bound" else {}),  # earlier files resume unchanged
                     answer_tokens=args.answer_tokens, dtype=args.dtype)
-    saved = json.loads(json_path.read_text()) if json_path.exists() else {}
-    done = saved.get("trials", {}) if saved.get("settings") == settings else {}
+    done = load_resumable(json_path, settings).get("trials", {})  # before the model: other settings are refused
+    model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
+    configs = configurations(args, approximated_layers(model, dense_layers))
 
     def save(key: str, row: dict) -> None:
         write_json(json_path, dict(settings=settings, trials=done))

@@ -14,7 +14,7 @@ import argparse
 
 from selective_attention.cli.arguments import add_config_arguments, add_model_arguments, config_from_args
 from selective_attention.loading import load_model
-from selective_attention.tree_kernel.perplexity import TreePplConfig, run_tree_ppl
+from selective_attention.tree_kernel.perplexity import TreePplConfig, resume, run_tree_ppl
 
 
 def add_parser(subparsers) -> None:
@@ -26,6 +26,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(TreePplConfig, args)
+    resume(config, args.model, args.dtype)  # refuses an output from other settings before the model loads
     model, tokenizer = load_model(args.model, dtype=args.dtype, attn_implementation=args.attn, device=args.device)
     outcome = run_tree_ppl(model, tokenizer, config, model_name=args.model, dtype=args.dtype)
     print("\n".join(outcome["report"]))

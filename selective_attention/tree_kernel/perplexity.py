@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from selective_attention.io import write_json, write_text
+from selective_attention.io import load_resumable, write_json, write_text
 from selective_attention.plots.tree_kernel import plot_cumulative_perplexity
 from selective_attention.tree_kernel.config import ESTIMATES, METHODS, RANKS, SAMPLED_METHODS, SHARING, TreeKernelConfig
 from selective_attention.tree_kernel.evaluation import (
@@ -135,23 +135,35 @@ def report(results: dict, nll: dict, settings: dict) -> list[str]:
     return lines
 
 
+def output_paths(config: TreePplConfig) -> tuple[Path, Path]:
+    """<output>.json (settings, perplexities, costs) and <output>_nll.json (per-token NLL)."""
+    output = Path(config.output)
+    return output.with_suffix(".json"), output.with_name(output.name + "_nll.json")
+
+
+def resume(config: TreePplConfig, model_name: str | None = None, dtype: str = "float32") -> tuple[dict, dict, dict]:
+    """(settings, results, per-token NLL) of the run so far in `config.output`; a file from other settings is refused
+    (ValueError). Needs no model, so the command checks it before loading one."""
+    settings = dict(model=model_name or "embedded SmolLM2-135M-Instruct", context=config.context,
+                    windows=config.windows, dense_layers=config.dense_layers,
+                    text=config.dataset or config.text or "PG essays", dtype=dtype)
+    json_path, nll_path = output_paths(config)
+    results = load_resumable(json_path, settings).get("results", {})
+    nll = json.loads(nll_path.read_text(encoding="utf-8")) if nll_path.exists() else {}
+    # the NLL file is written before the results file, so a row without its NLL is only a hand-edited leftover
+    return settings, {name: row for name, row in results.items() if name in nll}, nll
+
+
 def run_tree_ppl(model, tokenizer, config: TreePplConfig, model_name: str | None = None, dtype: str = "float32"
                  ) -> dict:
     """Score every configuration not yet in `config.output` (resuming one of the same settings), write the report
     files and return {"settings", "results", "report" (markdown lines)}."""
+    settings, results, nll = resume(config, model_name, dtype)
     layers = approximated_layers(model, config.dense_layer_list())
     configs = configurations(config, layers)
     ids = load_tokens(tokenizer, config.text, config.dataset, config.context * config.windows)
     windows = [ids[i * config.context:(i + 1) * config.context].to(model.device) for i in range(config.windows)]
-    output = Path(config.output)
-    json_path, nll_path = output.with_suffix(".json"), output.with_name(output.name + "_nll.json")
-    settings = dict(model=model_name or "embedded SmolLM2-135M-Instruct", context=config.context,
-                    windows=config.windows, dense_layers=config.dense_layers,
-                    text=config.dataset or config.text or "PG essays", dtype=dtype)
-    saved = json.loads(json_path.read_text()) if json_path.exists() else {}
-    same = saved.get("settings") == settings and nll_path.exists()
-    results = saved.get("results", {}) if same else {}
-    nll = json.loads(nll_path.read_text()) if same else {}
+    json_path, nll_path = output_paths(config)
     sampled = windows[:config.sampled_windows] if config.sampled_windows else windows
 
     def save(name: str, row: dict) -> None:
@@ -164,13 +176,13 @@ def run_tree_ppl(model, tokenizer, config: TreePplConfig, model_name: str | None
         use = sampled if kernel is not None and kernel.method in SAMPLED_METHODS else windows
         sweep(model, use, [(name, kernel, budget)], results, save)
     lines = report(results, nll, settings)
-    write_text(output.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_text(json_path.with_suffix(".md"), "\n".join(lines) + "\n")
     if "dense" in nll and len(nll) > 1:
         reference = _flat(nll["dense"])
         curves: dict[str, dict[str, list[float]]] = {}
         for name in results:
             if name != "dense" and len(_flat(nll[name])) == len(reference):  # sampled methods may score fewer
                 curves.setdefault(name.split("@")[1], {})[name.split("@")[0]] = _flat(nll[name]).tolist()
-        plot_cumulative_perplexity(reference.tolist(), curves, output.with_suffix(".png"),
+        plot_cumulative_perplexity(reference.tolist(), curves, json_path.with_suffix(".png"),
                                    f"{settings['model']}, {settings['text']}, dense layers {settings['dense_layers']}")
     return dict(settings=settings, results=results, report=lines)
