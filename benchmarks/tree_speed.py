@@ -47,8 +47,9 @@ class Attention(nn.Module):
     layer_idx = 0
 
 
-def settings(budget: int) -> list[tuple[str, TreeKernelConfig, bool]]:
-    """(name, config, fused): `fused` lets `rescore` decode run the C++ kernel (else its PyTorch twin)."""
+def settings(budget: int, leaf_blocks: tuple[int, ...] = ()) -> list[tuple[str, TreeKernelConfig, bool]]:
+    """(name, config, fused): `fused` lets `rescore` decode run the C++ kernel (else its PyTorch twin). Each of
+    `leaf_blocks` adds the chosen selector (x4, mix, mean, fused) with leaves of that many keys."""
     return [
         ("bound/kv_group/none", TreeKernelConfig(method="bound", budget=budget, sharing="kv_group", estimate="none"),
          False),
@@ -58,7 +59,8 @@ def settings(budget: int) -> list[tuple[str, TreeKernelConfig, bool]]:
          True),
         ("rescore/x2/mix/none (fused)", TreeKernelConfig(method="rescore", budget=budget, candidates=2, rank="mix",
                                                          estimate="none"), True),
-    ]
+    ] + [(f"rescore/x4/mix/mean/b{leaf} (fused)",
+          TreeKernelConfig(method="rescore", budget=budget, rank="mix", leaf_block=leaf), True) for leaf in leaf_blocks]
 
 
 def vectors_read(config: TreeKernelConfig, costs: dict, length: int) -> float:
@@ -125,7 +127,8 @@ def read_once(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return key.sum() + value.sum()
 
 
-def run_length(length: int, budget: int, steps: int, real, seed: int) -> list[dict]:
+def run_length(length: int, budget: int, steps: int, real, seed: int, leaf_blocks: tuple[int, ...] = ()
+               ) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
     queries, key, value = inputs(length, steps, real, generator)
     attention = Attention()
@@ -138,7 +141,7 @@ def run_length(length: int, budget: int, steps: int, real, seed: int) -> list[di
     rows = []
     with torch.inference_mode():
         dense(0)
-        for name, config, fused in settings(budget):
+        for name, config, fused in settings(budget, leaf_blocks):
             os.environ[ENV_SWITCH] = "1" if fused else "0"
             holder = nn.Module()
             start = time.perf_counter()
@@ -184,6 +187,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--real", action="store_true", help="keys and values of the embedded SmolLM2, tiled")
     parser.add_argument("--seed", type=int, default=0, help="random seed of keys and queries")
+    parser.add_argument("--leaf-blocks", type=int, nargs="*", default=[],
+                        help="also time the fused x4 mix/mean selector with leaves of these many keys (default 16)")
     parser.add_argument("--output", default=str(RESULTS / "tree_speed"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -191,7 +196,7 @@ def main() -> None:
         raise SystemExit("the fused rescore kernel did not build (see the warning above); it is what this compares")
     real = real_tensors() if args.real else None
     rows = [row for budget in args.budgets for length in args.lengths
-            for row in run_length(length, budget, args.steps, real, args.seed)]
+            for row in run_length(length, budget, args.steps, real, args.seed, tuple(args.leaf_blocks))]
     output = Path(args.output)
     load = [round(x, 2) for x in os.getloadavg()]
     write_json(output.with_suffix(".json"), dict(device="cpu", threads=args.threads, real_keys=args.real,
