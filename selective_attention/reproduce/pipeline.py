@@ -34,7 +34,7 @@ from selective_attention.recipes import (
 from selective_attention.recipes.io import write_json, write_text
 from selective_attention.reproduce.config import ReproduceConfig
 from selective_attention.reproduce.report import render_report
-from selective_attention.tree_kernel.perplexity import TreePplConfig
+from selective_attention.tree_kernel.perplexity import TreePplConfig, resume
 from selective_attention.tree_kernel.perplexity import run_tree_ppl as run_tree_ppl_experiment
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ def run_masked_evals(config: ReproduceConfig, out: Path) -> dict[str, dict]:
 
 def run_tree_ppl(config: ReproduceConfig, out: Path) -> dict:
     tree_config = TreePplConfig(**{**config.tree_ppl, "output": str(out / "tree_ppl" / "tree_ppl")})
+    resume(tree_config, config.model)  # an earlier run under other settings is refused before the model loads
     model, tokenizer = load_model(config.model)
     outcome = run_tree_ppl_experiment(model, tokenizer, tree_config, model_name=config.model)
     return dict(settings=outcome["settings"], results=outcome["results"])
