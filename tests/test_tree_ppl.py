@@ -7,12 +7,20 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, DynamicCache
 
 from selective_attention.cli import main
 from selective_attention.tree_kernel import TreeKernelConfig
 from selective_attention.tree_kernel import evaluation
-from selective_attention.tree_kernel.evaluation import approximated_layers, evaluate, past_budget_rows, token_nll
+from selective_attention.modeling import cache_kwargs
+from selective_attention.tree_kernel import configure_tree_kernel
+from selective_attention.tree_kernel.evaluation import (
+    approximated_layers,
+    evaluate,
+    past_budget_rows,
+    token_nll,
+    window_nll,
+)
 
 from .conftest import build_tiny, tiny_llama_config
 
@@ -117,3 +125,51 @@ def test_cli_rerun_with_the_same_settings_adds_rows_and_keeps_the_measured_ones(
     second = json.loads(output.with_suffix(".json").read_text())["results"]
     assert set(second) == set(first) | {"bound/b4/mean@16"}
     assert {name: second[name] for name in first} == first  # seconds included: not measured again
+
+
+def test_dense_prefix_scores_the_last_rows_as_the_full_forward_does():
+    model = build_tiny(tiny_llama_config())
+    ids = torch.randint(3, 128, (50,))
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0, :-1]
+    expected = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")[30:]
+    torch.testing.assert_close(window_nll(model, ids, None, dense_prefix=30), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["topk", "bound", "rescore"])
+def test_dense_prefix_rows_under_the_kernel_equal_a_token_by_token_decode(method):
+    """The scored rows after a dense prefill = decoding them one by one under the kernel (absolute positions)."""
+    model = build_tiny(tiny_llama_config())
+    ids, prefix = torch.randint(3, 128, (60,)), 36
+    config = TreeKernelConfig(method=method, budget=12, min_keys=1, leaf_block=4)
+    got = window_nll(model, ids, config, dense_prefix=prefix)
+    configure_tree_kernel(model, None)
+    cache = DynamicCache(config=model.config)
+    expected = []
+    with torch.no_grad():
+        model(ids[None, :prefix], **cache_kwargs(cache), use_cache=True)
+        configure_tree_kernel(model, config)
+        for position in range(prefix, ids.numel() - 1):
+            logits = model(ids[None, position:position + 1], **cache_kwargs(cache), use_cache=True).logits[0, -1]
+            expected.append(torch.nn.functional.cross_entropy(logits, ids[position + 1]))
+    configure_tree_kernel(model, None)
+    torch.testing.assert_close(got, torch.stack(expected), atol=1e-4, rtol=1e-4)
+    assert (got - window_nll(model, ids, None, dense_prefix=prefix)).abs().max() > 1e-3  # really approximated
+
+
+def test_cli_score_last(tiny_checkpoint, tmp_path):
+    output = tmp_path / "last"
+    assert main(["tree-ppl", "--model", str(tiny_checkpoint), "--context", "64", "--score-last", "24", "--budgets",
+                 "16", "--dense-layers", "0", "--leaf-blocks", "4", "--methods", "dense", "topk",
+                 "--output", str(output)]) == 0
+    saved = json.loads(output.with_suffix(".json").read_text())
+    nll = json.loads((tmp_path / "last_nll.json").read_text())
+    assert saved["settings"]["score_last"] == 24 and len(nll["topk@16"][0]) == len(nll["dense"][0]) == 23
+    assert saved["results"]["topk@16"]["past_budget_tokens"] == 23  # every scored row sees more than 16 keys
+    markdown = output.with_suffix(".md").read_text()
+    assert "the last 24 scored" in markdown
+    row = next(line for line in markdown.splitlines() if line.startswith("| topk@16 |")).split(" | ")
+    # the report (from the saved NLL, rounded to 1e-4) takes the scored rows as past the budget, as the run did
+    assert float(row[3]) == pytest.approx(saved["results"]["topk@16"]["ppl_past_budget"], rel=1e-4)
+    assert main(["tree-ppl", "--model", str(tiny_checkpoint), "--context", "64", "--score-last", "65",
+                 "--output", str(tmp_path / "bad")]) == 2

@@ -17,15 +17,16 @@ def cumulative_perplexity(nll: list[float]) -> np.ndarray:
 
 
 def plot_cumulative_perplexity(dense: list[float], curves: dict[str, dict[str, list[float]]], output: str | Path,
-                               title: str) -> Path:
+                               title: str, first_position: int = 1) -> Path:
     """One column per budget: cumulative perplexity (top) and its excess over dense in % (bottom) vs position.
 
     `dense`: per-token NLL of dense attention; `curves`: budget label (keys, a fraction, E=...) -> configuration ->
-    per-token NLL (same tokens). A budget in keys is marked where rows start to exceed it."""
+    per-token NLL (same tokens); `first_position`: the position of the first token scored. A budget in keys is
+    marked where rows start to exceed it."""
     budgets = sorted(curves, key=lambda label: (not label.isdigit(), int(label) if label.isdigit() else label))
     figure, axes = plt.subplots(2, len(budgets), figsize=(5 * len(budgets), 7), squeeze=False, sharex=True)
     reference = cumulative_perplexity(dense)
-    positions = np.arange(1, reference.size + 1)
+    positions = np.arange(first_position, first_position + reference.size)
     # one colour per configuration in every column, so a method is the same line across budgets
     labels = sorted({label for by_label in curves.values() for label in by_label})
     palette = plt.get_cmap("tab10")
@@ -39,7 +40,7 @@ def plot_cumulative_perplexity(dense: list[float], curves: dict[str, dict[str, l
             top.plot(positions, curve, lw=1, label=label, color=colors[label])
             bottom.plot(positions, 100 * (curve / reference - 1), lw=1, color=colors[label])
         for axis in (top, bottom):
-            if budget.isdigit():
+            if budget.isdigit() and int(budget) >= first_position:
                 axis.axvline(int(budget), color="grey", ls=":", lw=0.8)
         top.set_yscale("log")
         bottom.set_yscale("symlog", linthresh=1.0)  # linear within +-1%, so a +2% and a +90% curve both read

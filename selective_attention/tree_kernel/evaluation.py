@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import Cache, DynamicCache
 
 from selective_attention.loading import assets
-from selective_attention.modeling import attention_modules
+from selective_attention.modeling import attention_modules, cache_kwargs
 from selective_attention.tree_kernel.attention import configure_tree_kernel
 from selective_attention.tree_kernel.config import TreeKernelConfig
 
@@ -62,10 +63,12 @@ def load_tokens(tokenizer, text: str | None, dataset: str | None, needed: int) -
     return ids
 
 
-def token_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """ids (T,) -> (T - 1,) float32 negative log-likelihood of each true next token (one forward, no cache)."""
+def token_nll(model: nn.Module, ids: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+    """ids (T,) -> (T - 1,) float32 negative log-likelihood of each true next token (one forward; after the
+    tokens already in `cache`, if given)."""
     with torch.inference_mode():
-        hidden = model.base_model(input_ids=ids[None], use_cache=False).last_hidden_state[0]
+        hidden = model.base_model(input_ids=ids[None], use_cache=cache is not None,
+                                  **cache_kwargs(cache)).last_hidden_state[0]
         head = model.get_output_embeddings()
         cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
         out = []
@@ -76,6 +79,22 @@ def token_nll(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
                 logits = torch.tanh(logits / cap) * cap
             out.append(torch.nn.functional.cross_entropy(logits, ids[start + 1:stop + 1], reduction="none"))
     return torch.cat(out).cpu()
+
+
+def window_nll(model: nn.Module, ids: torch.Tensor, config: TreeKernelConfig | None, dense_prefix: int = 0
+               ) -> torch.Tensor:
+    """ids (T,) -> (T - 1 - dense_prefix,) NLL of the true next tokens under `config` (None: dense). The first
+    `dense_prefix` tokens are prefilled densely into a cache and not scored: only the rows after them run under
+    `config` (a cheap proxy that ranks variants on a text's last rows)."""
+    if not dense_prefix:
+        configure_tree_kernel(model, config)
+        return token_nll(model, ids)
+    configure_tree_kernel(model, None)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model.base_model(input_ids=ids[None, :dense_prefix], use_cache=True, **cache_kwargs(cache))
+    configure_tree_kernel(model, config)
+    return token_nll(model, ids[dense_prefix:], cache)
 
 
 def approximated_layers(model: nn.Module, dense_layers: Iterable[int]) -> tuple[int, ...]:
@@ -100,13 +119,13 @@ def perplexity(nll: torch.Tensor, rows: torch.Tensor | None = None) -> float:
 
 
 def evaluate(model: nn.Module, windows: list[torch.Tensor], config: TreeKernelConfig | None,
-             budget: int | None) -> dict:
+             budget: int | None, dense_prefix: int = 0) -> dict:
     """Perplexity of `config` (None: dense) over `windows` (each (T,)): overall, past the budget, costs per row,
-    and the per-token NLL of every window concatenated (for cumulative curves)."""
-    configure_tree_kernel(model, config)
+    and the per-token NLL of every window concatenated (for cumulative curves). With `dense_prefix`, each window's
+    first tokens are prefilled densely and only the rows after them are scored (`window_nll`)."""
     start = time.perf_counter()
-    nll = [token_nll(model, ids) for ids in windows]
-    past = torch.cat([past_budget_rows(ids.numel(), budget) for ids in windows])
+    nll = [window_nll(model, ids, config, dense_prefix) for ids in windows]
+    past = torch.cat([past_budget_rows(ids.numel(), budget)[dense_prefix:] for ids in windows])
     flat = torch.cat(nll)
     result = dict(ppl=perplexity(flat), ppl_past_budget=perplexity(flat, past), scored_tokens=flat.numel(),
                   past_budget_tokens=int(past.sum()), seconds=time.perf_counter() - start,
@@ -117,13 +136,13 @@ def evaluate(model: nn.Module, windows: list[torch.Tensor], config: TreeKernelCo
 
 
 def sweep(model: nn.Module, windows: list[torch.Tensor], configs: list[tuple[str, TreeKernelConfig | None, int | None]],
-          done: dict, on_result: Callable[[str, dict], None]) -> dict:
+          done: dict, on_result: Callable[[str, dict], None], dense_prefix: int = 0) -> dict:
     """Evaluates every (name, config, budget) not in `done`, calling `on_result` after each (for resuming)."""
     for name, config, budget in configs:
         if name in done:
             logger.info("%s: already measured (resume)", name)
             continue
-        done[name] = evaluate(model, windows, config, budget)
+        done[name] = evaluate(model, windows, config, budget, dense_prefix)
         row = done[name]
         logger.info("%s: ppl %.3f, past the budget %.3f (%d tokens, %.0f s)", name, row["ppl"],
                     row["ppl_past_budget"], row["scored_tokens"], row["seconds"])

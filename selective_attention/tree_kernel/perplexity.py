@@ -62,8 +62,19 @@ class TreePplConfig:
         "choices": RANKS})
     sampled_windows: int | None = field(default=None, metadata={
         "help": "windows for the (slow) sampled methods", "aliases": ["--seed-windows"]})
+    score_last: int | None = field(default=None, metadata={
+        "help": "score only each window's last N tokens, after a dense prefill of the rest (a quick proxy that ranks "
+                "variants)"})
     seed: int = field(default=0, metadata={"help": "random seed (feature draws, sampled descent)"})
     output: str = field(default="results/tree_ppl", metadata={"help": "output stem (.json, _nll.json, .md, .png)"})
+
+    def __post_init__(self) -> None:
+        if self.score_last is not None and not 1 < self.score_last <= self.context:
+            raise ValueError(f"score_last must be in [2, context={self.context}], got {self.score_last}")
+
+    def dense_prefix(self) -> int:
+        """Tokens of each window prefilled densely and not scored."""
+        return self.context - self.score_last if self.score_last else 0
 
     def dense_layer_list(self) -> list[int]:
         return [] if self.dense_layers == "none" else [int(x) for x in self.dense_layers.split(",") if x]
@@ -113,16 +124,18 @@ def _flat(nested: list[list[float]]) -> torch.Tensor:
 
 def report(results: dict, nll: dict, settings: dict) -> list[str]:
     """Markdown: perplexity overall and past each budget, excess over dense, costs per row past the budget."""
-    dense = nll.get("dense")
+    dense, context = nll.get("dense"), settings["context"]
+    scored = f" (the last {settings['score_last']} scored, after a dense prefill)" if "score_last" in settings else ""
     lines = [f"# Tree-kernel perplexity: {settings['model']}, {settings['text']}, {settings['windows']} x "
-             f"{settings['context']} tokens, dense layers {settings['dense_layers']}", "",
+             f"{settings['context']} tokens{scored}, dense layers {settings['dense_layers']}", "",
              "Costs are per row past the budget, averaged over approximated layers and heads: keys whose values are "
              "read (exact), softmax terms, block bounds evaluated, keys scored exactly (rescored).", "",
              "| configuration | budget | ppl | ppl past budget | dense past budget | excess past budget | exact keys | "
              "terms | bounds | rescored | seconds |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, row in results.items():
         budget = row.get("budget")
-        past = None if budget is None else torch.cat([past_budget_rows(len(n) + 1, budget) for n in nll[name]])
+        past = None if budget is None else torch.cat([past_budget_rows(context, budget)[context - 1 - len(n):]
+                                                      for n in nll[name]])  # a window's NLL: its last rows
         ppl_past = perplexity(_flat(nll[name]), past) if past is not None else row["ppl"]
         dense_past = perplexity(_flat(dense), past) if dense and past is not None else float("nan")
         excess = f"{100 * (ppl_past / dense_past - 1):+.2f}%" if dense and past is not None else "-"
@@ -146,7 +159,8 @@ def resume(config: TreePplConfig, model_name: str | None = None, dtype: str = "f
     (ValueError). Needs no model, so the command checks it before loading one."""
     settings = dict(model=model_name or "embedded SmolLM2-135M-Instruct", context=config.context,
                     windows=config.windows, dense_layers=config.dense_layers,
-                    text=config.dataset or config.text or "PG essays", dtype=dtype)
+                    text=config.dataset or config.text or "PG essays", dtype=dtype,
+                    **({"score_last": config.score_last} if config.score_last else {}))  # earlier files resume
     json_path, nll_path = output_paths(config)
     results = load_resumable(json_path, settings).get("results", {})
     nll = json.loads(nll_path.read_text(encoding="utf-8")) if nll_path.exists() else {}
@@ -174,7 +188,7 @@ def run_tree_ppl(model, tokenizer, config: TreePplConfig, model_name: str | None
 
     for name, kernel, budget in configs:
         use = sampled if kernel is not None and kernel.method in SAMPLED_METHODS else windows
-        sweep(model, use, [(name, kernel, budget)], results, save)
+        sweep(model, use, [(name, kernel, budget)], results, save, config.dense_prefix())
     lines = report(results, nll, settings)
     write_text(json_path.with_suffix(".md"), "\n".join(lines) + "\n")
     if "dense" in nll and len(nll) > 1:
@@ -184,5 +198,6 @@ def run_tree_ppl(model, tokenizer, config: TreePplConfig, model_name: str | None
             if name != "dense" and len(_flat(nll[name])) == len(reference):  # sampled methods may score fewer
                 curves.setdefault(name.split("@")[1], {})[name.split("@")[0]] = _flat(nll[name]).tolist()
         plot_cumulative_perplexity(reference.tolist(), curves, json_path.with_suffix(".png"),
-                                   f"{settings['model']}, {settings['text']}, dense layers {settings['dense_layers']}")
+                                   f"{settings['model']}, {settings['text']}, dense layers {settings['dense_layers']}",
+                                   first_position=config.dense_prefix() + 1)
     return dict(settings=settings, results=results, report=lines)
