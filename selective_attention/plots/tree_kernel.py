@@ -29,8 +29,8 @@ def plot_cumulative_perplexity(dense: list[float], curves: dict[str, dict[str, l
     positions = np.arange(first_position, first_position + reference.size)
     # one colour per configuration in every column, so a method is the same line across budgets
     labels = sorted({label for by_label in curves.values() for label in by_label})
-    palette = plt.get_cmap("tab10")
-    colors = {label: palette(index % 10) for index, label in enumerate(labels)}
+    palette, size = (plt.get_cmap("tab10"), 10) if len(labels) <= 10 else (plt.get_cmap("tab20"), 20)
+    colors = {label: palette(index % size) for index, label in enumerate(labels)}
     for column, budget in enumerate(budgets):
         top, bottom = axes[0, column], axes[1, column]
         top.plot(positions, reference, color="black", lw=1.2, label="dense")

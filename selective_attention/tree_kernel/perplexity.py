@@ -198,6 +198,7 @@ def run_tree_ppl(model, tokenizer, config: TreePplConfig, model_name: str | None
             if name != "dense" and len(_flat(nll[name])) == len(reference):  # sampled methods may score fewer
                 curves.setdefault(name.split("@")[1], {})[name.split("@")[0]] = _flat(nll[name]).tolist()
         plot_cumulative_perplexity(reference.tolist(), curves, json_path.with_suffix(".png"),
-                                   f"{settings['model']}, {settings['text']}, dense layers {settings['dense_layers']}",
+                                   f"{settings['model']}, {settings['text']}, dense layers {settings['dense_layers']}"
+                                   + (f", last {config.score_last} tokens" if config.score_last else ""),
                                    first_position=config.dense_prefix() + 1)
     return dict(settings=settings, results=results, report=lines)
