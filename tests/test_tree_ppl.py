@@ -10,16 +10,14 @@ import torch
 from transformers import AutoTokenizer, DynamicCache
 
 from selective_attention.cli import main
-from selective_attention.tree_kernel import TreeKernelConfig
-from selective_attention.tree_kernel import evaluation
 from selective_attention.modeling import cache_kwargs
-from selective_attention.tree_kernel import configure_tree_kernel
+from selective_attention.tree_kernel import TreeKernelConfig, configure_tree_kernel, evaluation
 from selective_attention.tree_kernel.evaluation import (
     approximated_layers,
     evaluate,
     past_budget_rows,
     token_nll,
-    window_nll,
+    tail_nll,
 )
 
 from .conftest import build_tiny, tiny_llama_config
@@ -133,7 +131,7 @@ def test_dense_prefix_scores_the_last_rows_as_the_full_forward_does():
     with torch.no_grad():
         logits = model(ids[None]).logits[0, :-1]
     expected = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="none")[30:]
-    torch.testing.assert_close(window_nll(model, ids, None, dense_prefix=30), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tail_nll(model, ids, None, dense_prefix=30), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["topk", "bound", "rescore"])
@@ -142,7 +140,7 @@ def test_dense_prefix_rows_under_the_kernel_equal_a_token_by_token_decode(method
     model = build_tiny(tiny_llama_config())
     ids, prefix = torch.randint(3, 128, (60,)), 36
     config = TreeKernelConfig(method=method, budget=12, min_keys=1, leaf_block=4)
-    got = window_nll(model, ids, config, dense_prefix=prefix)
+    got = tail_nll(model, ids, config, dense_prefix=prefix)
     configure_tree_kernel(model, None)
     cache = DynamicCache(config=model.config)
     expected = []
@@ -154,7 +152,7 @@ def test_dense_prefix_rows_under_the_kernel_equal_a_token_by_token_decode(method
             expected.append(torch.nn.functional.cross_entropy(logits, ids[position + 1]))
     configure_tree_kernel(model, None)
     torch.testing.assert_close(got, torch.stack(expected), atol=1e-4, rtol=1e-4)
-    assert (got - window_nll(model, ids, None, dense_prefix=prefix)).abs().max() > 1e-3  # really approximated
+    assert (got - tail_nll(model, ids, None, dense_prefix=prefix)).abs().max() > 1e-3  # really approximated
 
 
 def test_cli_score_last(tiny_checkpoint, tmp_path):

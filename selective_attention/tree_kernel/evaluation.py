@@ -81,14 +81,11 @@ def token_nll(model: nn.Module, ids: torch.Tensor, cache: Cache | None = None) -
     return torch.cat(out).cpu()
 
 
-def window_nll(model: nn.Module, ids: torch.Tensor, config: TreeKernelConfig | None, dense_prefix: int = 0
-               ) -> torch.Tensor:
-    """ids (T,) -> (T - 1 - dense_prefix,) NLL of the true next tokens under `config` (None: dense). The first
-    `dense_prefix` tokens are prefilled densely into a cache and not scored: only the rows after them run under
-    `config` (a cheap proxy that ranks variants on a text's last rows)."""
-    if not dense_prefix:
-        configure_tree_kernel(model, config)
-        return token_nll(model, ids)
+def tail_nll(model: nn.Module, ids: torch.Tensor, config: TreeKernelConfig | None, dense_prefix: int
+             ) -> torch.Tensor:
+    """ids (T,) -> (T - 1 - dense_prefix,) NLL of the true next tokens after the first `dense_prefix`, which are
+    prefilled densely into a cache and not scored: only the rows after them run under `config` (None: dense). A
+    cheap proxy that ranks variants on a text's last rows. Leaves `config` configured."""
     configure_tree_kernel(model, None)
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
@@ -122,9 +119,10 @@ def evaluate(model: nn.Module, windows: list[torch.Tensor], config: TreeKernelCo
              budget: int | None, dense_prefix: int = 0) -> dict:
     """Perplexity of `config` (None: dense) over `windows` (each (T,)): overall, past the budget, costs per row,
     and the per-token NLL of every window concatenated (for cumulative curves). With `dense_prefix`, each window's
-    first tokens are prefilled densely and only the rows after them are scored (`window_nll`)."""
+    first tokens are prefilled densely and only the rows after them are scored (`tail_nll`)."""
+    configure_tree_kernel(model, config)
     start = time.perf_counter()
-    nll = [window_nll(model, ids, config, dense_prefix) for ids in windows]
+    nll = [tail_nll(model, ids, config, dense_prefix) if dense_prefix else token_nll(model, ids) for ids in windows]
     past = torch.cat([past_budget_rows(ids.numel(), budget)[dense_prefix:] for ids in windows])
     flat = torch.cat(nll)
     result = dict(ppl=perplexity(flat), ppl_past_budget=perplexity(flat, past), scored_tokens=flat.numel(),
