@@ -3,6 +3,8 @@
 One convention everywhere: write `<name>.partial` beside the target, then `os.replace` it over the target (atomic
 on POSIX and Windows within one filesystem). An interrupted run leaves at most a stray `.partial`, which the next
 write replaces.
+
+Resumable runs read their JSON back through `load_resumable`, which refuses a file written under other settings.
 """
 
 from __future__ import annotations
